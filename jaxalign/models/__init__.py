@@ -1,0 +1,165 @@
+"""Model registry and the user-facing LM object (DESIGN.md §2).
+
+    lm = jaxalign.models.from_pretrained(hf_dir, dtype=jnp.bfloat16, mesh=None)   # HF or jaxalign dir
+    logits = lm(input_ids, attention_mask=None)                                   # [B, T, V]
+    lm.save_pretrained(out_dir)                                                    # HF layout
+    lm.config, lm.graphdef, lm.params                                              # what a trainer uses
+
+A jaxalign model directory (`jaxalign convert --from-hf`, `lm.save`) holds `jaxalign_config.json`, an
+Orbax `params/` checkpoint (fast sharded restore on any mesh) and the tokenizer files.
+"""
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign import JaxalignError
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.layers import KVCache
+from jaxalign.models.transformer import CausalLM
+from jaxalign.parallel import mesh as mesh_lib
+
+NATIVE_CONFIG = "jaxalign_config.json"
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl")
+
+__all__ = ["LM", "CausalLM", "ModelConfig", "KVCache", "from_pretrained", "from_config", "abstract_params"]
+
+
+def _dtype_name(d) -> Optional[str]:
+    return None if d is None else jnp.dtype(d).name
+
+
+def abstract_params(cfg: ModelConfig):
+    """(graphdef, abstract nnx.State) without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+
+
+def _target(cfg, mesh, rules):
+    graphdef, abs_state = abstract_params(cfg)
+    shardings = mesh_lib.param_shardings(abs_state, mesh, rules)
+    target = mesh_lib.abstract_with_shardings(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
+    return graphdef, abs_state, target
+
+
+def _as_state(abs_state, pure: dict):
+    nnx.replace_by_pure_dict(abs_state, pure)
+    return abs_state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
+def _forward(graphdef, params, input_ids, attention_mask, positions, segment_ids, rules):
+    with mesh_lib.use_rules(rules):
+        return nnx.merge(graphdef, params)(input_ids, attention_mask, positions=positions,
+                                           segment_ids=segment_ids)
+
+
+@dataclasses.dataclass
+class LM:
+    config: ModelConfig
+    graphdef: Any
+    params: Any                      # nnx.State; leaves are (sharded) jax arrays
+    mesh: Mesh
+    rules: tuple = mesh_lib.DEFAULT_RULES
+    source: Optional[str] = None     # directory it was loaded from (tokenizer files are copied from it)
+
+    def module(self) -> CausalLM:
+        return nnx.merge(self.graphdef, self.params)
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions,
+                 "segment_ids": segment_ids}
+        batch = mesh_lib.shard_batch({k: v for k, v in batch.items() if v is not None}, self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            return _forward(self.graphdef, self.params, batch["input_ids"], batch.get("attention_mask"),
+                            batch.get("positions"), batch.get("segment_ids"), self.rules)
+
+    def pure_params(self) -> dict:
+        return nnx.to_pure_dict(self.params)
+
+    def save_pretrained(self, out_dir: str, *, max_shard_size="5GB", tokenizer_dir=None, overwrite=False):
+        """HF layout: config.json + (sharded) safetensors in the params' dtype, tokenizer files copied."""
+        from jaxalign.convert import hf
+        hf.save_hf(self.config, self.pure_params(), out_dir, max_shard_size=max_shard_size,
+                   tokenizer_dir=tokenizer_dir or self.source, overwrite=overwrite)
+
+    def save(self, out_dir: str, *, tokenizer_dir=None, overwrite=False):
+        """jaxalign layout: jaxalign_config.json + Orbax params/ (+ tokenizer files)."""
+        from jaxalign import checkpoint
+        from jaxalign.convert import hf
+
+        def write(d):
+            checkpoint.save_params(os.path.join(d, "params"), self.pure_params())
+            if jax.process_index() == 0:
+                with open(os.path.join(d, NATIVE_CONFIG), "w") as f:
+                    f.write(self.config.to_json())
+                hf.copy_tokenizer(tokenizer_dir or self.source, d)
+
+        if jax.process_count() == 1:
+            with hf.atomic_dir(out_dir, overwrite) as tmp:
+                write(tmp)
+        else:  # every host writes its shards into the same path; Orbax commits atomically
+            write(out_dir)
+
+
+def _default_mesh(mesh):
+    return mesh if mesh is not None else mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def from_config(cfg: ModelConfig, mesh: Optional[Mesh] = None, rules=None, seed: int = 0) -> LM:
+    """A randomly initialised model, created directly in its sharding."""
+    mesh, rules = _default_mesh(mesh), mesh_lib.normalize_rules(rules)
+    graphdef, state = mesh_lib.init_sharded(lambda rngs: CausalLM(cfg, rngs), mesh, rules, seed)
+    return LM(cfg, graphdef, state, mesh, rules)
+
+
+def load_config(path: str, **runtime) -> ModelConfig:
+    """The ModelConfig of an HF or jaxalign model directory, with runtime fields overridden."""
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    native = os.path.join(path, NATIVE_CONFIG)
+    if os.path.isfile(native):
+        with open(native) as f:
+            return ModelConfig.from_dict(json.load(f)).replace(**runtime)
+    from jaxalign.convert import hf
+    return hf.config_from_hf(path, **runtime)
+
+
+def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Optional[Mesh] = None, rules=None,
+                    remat: Optional[str] = None, attention_impl: Optional[str] = None,
+                    num_labels: Optional[int] = None, log=print) -> LM:
+    """Load an HF directory (config.json + safetensors) or a jaxalign model directory onto `mesh`
+    (default: one device), each tensor streamed into its target sharding.
+
+    dtype: compute dtype (default float32); param_dtype: default = the checkpoint's dtype (bf16 stays bf16).
+    num_labels=1 adds a freshly initialised scalar head (reward/value model) when the checkpoint has none.
+    """
+    if not os.path.isdir(path):
+        raise JaxalignError(f"{path}: model directory not found")
+    mesh, rules = _default_mesh(mesh), mesh_lib.normalize_rules(rules)
+    cfg = load_config(path, dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype), remat=remat,
+                      attention_impl=attention_impl)
+    add_head = bool(num_labels) and cfg.num_labels != num_labels
+    base_cfg = cfg
+    if add_head:
+        cfg = cfg.replace(num_labels=num_labels)
+    graphdef, abs_state, target = _target(base_cfg, mesh, rules)
+    if os.path.isfile(os.path.join(path, NATIVE_CONFIG)):
+        from jaxalign import checkpoint
+        params_dir = os.path.join(path, "params")
+        if not os.path.isdir(params_dir):
+            raise JaxalignError(f"{params_dir}: not found (incomplete jaxalign model directory)")
+        pure = checkpoint.restore_params(params_dir, target)
+    else:
+        from jaxalign.convert import hf
+        with jax.set_mesh(mesh):
+            pure = hf.load_hf_params(path, base_cfg, target, log=log)
+    if add_head:
+        fresh = from_config(cfg, mesh, rules).pure_params()
+        pure["score"] = fresh["score"]
+        graphdef, abs_state, _ = _target(cfg, mesh, rules)
+    return LM(cfg, graphdef, _as_state(abs_state, pure), mesh, rules, source=path)

@@ -1,0 +1,158 @@
+"""Building blocks shared by every decoder: parameter containers, norms, RoPE, attention, MLP, KV cache.
+
+Parameters live in small NNX modules (containers with logical-axis metadata); the math is plain functions
+over arrays so the layer stack can run under `jax.lax.scan` on a pure dict of stacked weights.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.parallel.mesh import constrain
+
+
+def param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init="normal", std=0.02) -> nnx.Param:
+    """An nnx.Param with logical axes; sharding is applied by the caller (no mesh needed to build)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """kernel[*lead, *in, *out] (+ bias[*lead, *out]); `lead` is the stacked-layers dim when present."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias, dtype, rngs, std=0.02, layers=None):
+        lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
+        self.kernel = param(rngs, lead + tuple(in_shape) + tuple(out_shape),
+                            lead_axes + tuple(in_axes) + tuple(out_axes), dtype, std=std)
+        if bias:
+            self.bias = param(rngs, lead + tuple(out_shape), lead_axes + tuple(out_axes), dtype, init="zeros")
+
+
+class Norm(nnx.Module):
+    def __init__(self, size, *, kind, dtype, layers=None):
+        lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
+        self.scale = param(None, lead + (size,), lead_axes + ("embed",), dtype, init="ones")
+        if kind == "layer":
+            self.bias = param(None, lead + (size,), lead_axes + ("embed",), dtype, init="zeros")
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+def norm(p: dict, x, kind: str, eps: float):
+    """RMSNorm (LLaMA) or LayerNorm (GPT-2), statistics in float32, as HF computes them."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    if kind == "rms":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return p["scale"] * y.astype(dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+
+
+def dense(p: dict, x, contract: int = 1):
+    """x[..., *in] @ kernel[*in, *out] (+ bias); `contract` = number of input dims of the kernel."""
+    k = p["kernel"]
+    in_letters = "abcd"[:contract]
+    out_letters = "wxyz"[: k.ndim - contract]
+    y = jnp.einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x, k)
+    return y + p["bias"] if "bias" in p else y
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def mlp(p: dict, x, activation: str, gated: bool):
+    act = ACTIVATIONS[activation]
+    h = act(dense(p["gate"], x)) * dense(p["up"], x) if gated else act(dense(p["up"], x))
+    h = constrain(h, ("act_batch", "act_length", "act_heads"))
+    return dense(p["down"], h)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """Inverse frequencies, with HF's `linear` and `llama3` rope scaling (float32, as HF computes them)."""
+    inv = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    inv = inv.astype(np.float32)
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = np.float32(scaling["factor"])
+        low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+        old_len = np.float32(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = np.float32(2 * math.pi) / inv
+        out = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, out).astype(np.float32)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_tables(positions, inv_freq):
+    """cos, sin of shape [B, T, head_dim] (HF's concatenated-halves layout), float32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, Dh]; rotate_half convention (HF LLaMA checkpoints are already permuted for it)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------- attention
+
+class KVCache(NamedTuple):
+    """Decoding cache for all layers: k, v [L, B, S, K, Dh]; `mask` [B, S] marks slots holding real tokens;
+    `index` is the next slot to write (the same for every row: prompts are left-padded)."""
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config, batch: int, max_len: int, dtype=None):
+        dtype = dtype or config.compute_dtype
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+def make_mask(q_slots, k_slots, key_valid, q_segments=None, k_segments=None):
+    """Boolean [B, 1, T, S]: causal over slots, keys must be real tokens, same segment when packed.
+    Also returns the slot distance q - k ([T, S]) for sliding windows."""
+    dist = q_slots[:, None] - k_slots[None, :]
+    mask = (dist >= 0)[None] & key_valid[:, None, :]
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
+    return mask[:, None], dist
+
+
+def attention(q, k, v, mask, dist, window, impl=None):
+    """q [B,T,N,Dh], k/v [B,S,K,Dh] (grouped-query: N a multiple of K), mask [B,1,T,S]; window 0 = full."""
+    mask = mask & ((window == 0) | (dist < window))[None, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                                       implementation=impl)
+    return out
