@@ -1,0 +1,76 @@
+"""The `jaxalign` command. Subcommands are added as their features land (train, sample, prepare, serve,
+quickstart, bench); today: convert.
+
+User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
+"""
+import argparse
+import sys
+import time
+
+from jaxalign import JaxalignError, __version__
+
+
+def _mesh_shape(text: str):
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected data,fsdp,model such as 1,-1,1") from None
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three sizes data,fsdp,model")
+    return shape
+
+
+def cmd_convert(args):
+    import jax
+
+    from jaxalign import models
+    from jaxalign.parallel.mesh import make_mesh
+
+    start = time.time()
+    mesh = make_mesh(args.mesh)
+    src = args.from_hf or args.to_hf
+    lm = models.from_pretrained(src, param_dtype=args.param_dtype, mesh=mesh)
+    n = sum(x.size for x in jax.tree.leaves(lm.params))
+    if args.from_hf:
+        lm.save(args.out, overwrite=args.overwrite)
+        what = "jaxalign model"
+    else:
+        lm.save_pretrained(args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        what = "HF checkpoint"
+    print(f"wrote {what} {args.out}: {lm.config.model_type}, {n:,} params, {lm.config.param_dtype}, "
+          f"mesh {dict(mesh.shape)}, {time.time() - start:.1f}s")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="jaxalign", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"jaxalign {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="HF checkpoint <-> jaxalign model directory",
+                       description="Convert between HF (config.json + safetensors) and jaxalign model "
+                                   "directories, streaming one tensor at a time into the mesh.")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="HF_DIR", help="HF model directory to import")
+    src.add_argument("--to-hf", metavar="DIR", help="jaxalign (or HF) model directory to export as HF")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast parameters (default: keep the stored dtype)")
+    c.add_argument("--max-shard-size", default="5GB", help="HF export: largest safetensors file (5GB)")
+    c.add_argument("--mesh", type=_mesh_shape, default=(1, -1, 1),
+                   help="data,fsdp,model mesh to load onto (default 1,-1,1: FSDP over all devices)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except JaxalignError as e:
+        print(f"jaxalign: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
