@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxalign import JaxalignError
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import KVCache
+from jaxalign.models.layers import KVCache, Linear
 from jaxalign.models.transformer import CausalLM
 from jaxalign.parallel import mesh as mesh_lib
 
@@ -118,6 +118,13 @@ def from_config(cfg: ModelConfig, mesh: Optional[Mesh] = None, rules=None, seed:
     return LM(cfg, graphdef, state, mesh, rules)
 
 
+def _init_score_head(cfg: ModelConfig, mesh, rules, seed: int = 0) -> dict:
+    """A fresh scalar head alone (initialising a whole model for it would cost a whole model's memory)."""
+    head = lambda rngs: Linear((cfg.hidden_size,), (cfg.num_labels,), ("embed",), ("labels",), bias=False,
+                               dtype=cfg.weights_dtype, rngs=rngs, std=cfg.initializer_range)
+    return nnx.to_pure_dict(mesh_lib.init_sharded(head, mesh, rules, seed)[1])
+
+
 def load_config(path: str, **runtime) -> ModelConfig:
     """The ModelConfig of an HF or jaxalign model directory, with runtime fields overridden."""
     runtime = {k: v for k, v in runtime.items() if v is not None}
@@ -159,7 +166,6 @@ def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Optional[M
         with jax.set_mesh(mesh):
             pure = hf.load_hf_params(path, base_cfg, target, log=log)
     if add_head:
-        fresh = from_config(cfg, mesh, rules).pure_params()
-        pure["score"] = fresh["score"]
+        pure["score"] = _init_score_head(cfg, mesh, rules)
         graphdef, abs_state, _ = _target(cfg, mesh, rules)
     return LM(cfg, graphdef, _as_state(abs_state, pure), mesh, rules, source=path)
