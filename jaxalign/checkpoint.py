@@ -2,7 +2,10 @@
 (`jaxalign convert --from-hf`); restoring onto any mesh by passing ShapeDtypeStructs with shardings."""
 import os
 
+import jax
 import orbax.checkpoint as ocp
+
+from jaxalign import JaxalignError
 
 
 def save_params(path: str, params: dict):
@@ -14,10 +17,33 @@ def save_params(path: str, params: dict):
     ckptr.close()
 
 
+def _keystr(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def check_tree(path: str, stored, target):
+    """Every target array must be stored with the same shape; report the first that is not, by name."""
+    stored = {_keystr(p): m for p, m in jax.tree.leaves_with_path(stored)}
+    for p, t in jax.tree.leaves_with_path(target):
+        name = _keystr(p)
+        if name not in stored:
+            raise JaxalignError(f"{path}: parameter {name!r} is missing")
+        if tuple(stored[name].shape) != tuple(t.shape):
+            raise JaxalignError(f"{path}: parameter {name!r} has shape {list(stored[name].shape)}, "
+                                f"the config implies {list(t.shape)}")
+
+
 def restore_params(path: str, target: dict) -> dict:
-    """Restore into `target` (pure dict of ShapeDtypeStructs carrying the wanted shardings and dtypes)."""
+    """Restore into `target` (pure dict of ShapeDtypeStructs carrying the wanted shardings and dtypes),
+    after checking names and shapes against the checkpoint's metadata."""
+    path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
     try:
-        return ckptr.restore(os.path.abspath(path), target)
+        try:
+            stored = ckptr.metadata(path).item_metadata
+        except Exception as e:
+            raise JaxalignError(f"{path}: not a readable Orbax checkpoint ({e})") from None
+        check_tree(path, stored, target)
+        return ckptr.restore(path, target)
     finally:
         ckptr.close()

@@ -4,6 +4,7 @@ quickstart, bench); today: convert.
 User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -27,6 +28,8 @@ def cmd_convert(args):
     from jaxalign.parallel.mesh import make_mesh
 
     start = time.time()
+    if os.path.exists(args.out) and not args.overwrite:
+        raise JaxalignError(f"{args.out}: already exists (pass --overwrite to replace it)")
     mesh = make_mesh(args.mesh)
     src = args.from_hf or args.to_hf
     lm = models.from_pretrained(src, param_dtype=args.param_dtype, mesh=mesh)

@@ -43,15 +43,25 @@ def family(model_type: str):
 
 # ------------------------------------------------------------------------------------------ config
 
+def read_json(path: str) -> dict:
+    """A JSON object from `path`, or a JaxalignError naming the file and line."""
+    if not os.path.isfile(path):
+        raise JaxalignError(f"{path}: not found")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise JaxalignError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise JaxalignError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise JaxalignError(f"{path}: not found (expected an HF model directory)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise JaxalignError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(path)
 
 
 def config_from_hf(hf_dir: str, **runtime) -> ModelConfig:
@@ -67,7 +77,7 @@ def config_from_hf(hf_dir: str, **runtime) -> ModelConfig:
         return fam.config_from_hf(h, **runtime)
     except KeyError as e:
         raise JaxalignError(f"{hf_dir}/config.json: field {e.args[0]!r} is missing") from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise JaxalignError(f"{hf_dir}/config.json: {e}") from None
 
 
@@ -91,8 +101,9 @@ class SafetensorsDir:
         self.dir = hf_dir
         index = os.path.join(hf_dir, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                self.files = json.load(f)["weight_map"]
+            self.files = read_json(index).get("weight_map")
+            if not isinstance(self.files, dict):
+                raise JaxalignError(f"{index}: field 'weight_map' is missing or not an object")
         elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
             self.files = {n: SINGLE for n in self._open(SINGLE).keys()}
         else:
@@ -115,15 +126,20 @@ class SafetensorsDir:
             self._handles[fname] = self._open(fname)
         return self._handles[fname]
 
+    def _read(self, name, what):
+        try:
+            return what(self.handle(name))
+        except JaxalignError:
+            raise
+        except Exception as e:  # e.g. an index that names the wrong shard, a truncated file
+            path = os.path.join(self.dir, self.files[name])
+            raise JaxalignError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
     def shape(self, name):
-        return tuple(self.handle(name).get_slice(name).get_shape())
+        return tuple(self._read(name, lambda h: h.get_slice(name).get_shape()))
 
     def get(self, name) -> np.ndarray:
-        path = os.path.join(self.dir, self.files[name])
-        try:
-            return self.handle(name).get_tensor(name)
-        except Exception as e:
-            raise JaxalignError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+        return self._read(name, lambda h: h.get_tensor(name))
 
 
 def _validate(st: SafetensorsDir, specs, hf_dir):
@@ -252,7 +268,7 @@ def _write_safetensors(path, specs, dtype: np.dtype, produce):
             arr = produce(s)
             if arr.shape != tuple(s.shape) or arr.dtype != dtype:
                 raise RuntimeError(f"{s.name}: produced {arr.shape} {arr.dtype}, planned {s.shape} {dtype}")
-            f.write(arr.tobytes())
+            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # no bytes copy (bf16 has no buffer protocol)
 
 
 @contextlib.contextmanager
@@ -300,7 +316,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *, max_shard_size="5GB
     write = jax.process_index() == 0
     if cfg.num_labels and cfg.lm_head and write:
         log("note: exporting as *ForSequenceClassification; the LM head is not part of that format")
-    produce = lambda s: _hf_array(s, params).astype(dtype)
+    produce = lambda s: _hf_array(s, params).astype(dtype, copy=False)
     ctx = atomic_dir(out_dir, overwrite) if write else contextlib.nullcontext(None)
     with ctx as tmp:
         names = [SINGLE] if len(shards) == 1 else [

@@ -10,7 +10,6 @@ Orbax `params/` checkpoint (fast sharded restore on any mesh) and the tokenizer 
 """
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Optional
 
@@ -128,12 +127,14 @@ def _init_score_head(cfg: ModelConfig, mesh, rules, seed: int = 0) -> dict:
 def load_config(path: str, **runtime) -> ModelConfig:
     """The ModelConfig of an HF or jaxalign model directory, with runtime fields overridden."""
     runtime = {k: v for k, v in runtime.items() if v is not None}
-    native = os.path.join(path, NATIVE_CONFIG)
-    if os.path.isfile(native):
-        with open(native) as f:
-            return ModelConfig.from_dict(json.load(f)).replace(**runtime)
     from jaxalign.convert import hf
-    return hf.config_from_hf(path, **runtime)
+    native = os.path.join(path, NATIVE_CONFIG)
+    if not os.path.isfile(native):
+        return hf.config_from_hf(path, **runtime)
+    try:
+        return ModelConfig.from_dict(hf.read_json(native)).replace(**runtime)
+    except (ValueError, TypeError) as e:
+        raise JaxalignError(f"{native}: {e}") from None
 
 
 def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Optional[Mesh] = None, rules=None,

@@ -48,6 +48,10 @@ class ModelConfig:
     attention_impl: Optional[str] = None  # None (XLA's choice) | xla | cudnn
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in (int, float, bool, str) and not _is_type(value, f.type):
+                raise ValueError(f"field {f.name!r} must be {f.type.__name__}, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat not in REMAT_POLICIES:
@@ -105,6 +109,13 @@ class ModelConfig:
         total += self.max_position_embeddings * D if self.position == "learned" else 0
         total += self.vocab_size * D if self.lm_head and not self.tie_word_embeddings else 0
         return total + D * self.num_labels
+
+
+def _is_type(value, kind) -> bool:
+    """JSON-ish type check: an int is a float, a bool is not a number."""
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def freeze_dict(d):
