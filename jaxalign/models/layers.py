@@ -126,7 +126,10 @@ def apply_rope(x, cos, sin):
 
 class KVCache(NamedTuple):
     """Decoding cache for all layers: k, v [L, B, S, K, Dh]; `mask` [B, S] marks slots holding real tokens;
-    `index` is the next slot to write (the same for every row: prompts are left-padded)."""
+    `index` is the next slot to write (the same for every row: prompts are left-padded).
+
+    The caller (the sampler) keeps `index + new tokens <= max_len`: under jit the index is traced and
+    a write past the end cannot raise; it would overwrite the last slot."""
     k: jax.Array
     v: jax.Array
     mask: jax.Array

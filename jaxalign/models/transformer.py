@@ -102,6 +102,8 @@ class CausalLM(nnx.Module):
         """Final-normed hidden states [B, T, D] (and the updated cache when one is given)."""
         cfg = self.config
         B, T = input_ids.shape
+        if cache is not None and (segment_ids is not None or T > cache.mask.shape[1]):
+            raise ValueError("with a KV cache: no segment_ids, and at most max_len tokens per call")
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), bool)
         attention_mask = attention_mask.astype(bool)
