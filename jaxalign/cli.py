@@ -1,5 +1,5 @@
-"""The `jaxalign` command. Subcommands are added as their features land (train, sample, prepare, serve,
-quickstart, bench); today: convert.
+"""The `jaxalign` command. Subcommands are added as their features land (train, sample, serve, quickstart,
+bench); today: convert, prepare.
 
 User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
 """
@@ -44,6 +44,17 @@ def cmd_convert(args):
           f"mesh {dict(mesh.shape)}, {time.time() - start:.1f}s")
 
 
+def cmd_prepare(args):
+    from jaxalign.config import load_config
+    from jaxalign.data import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    for split in ("train", "eval"):
+        data = pipeline.prepare_from_config(cfg, split)
+        if data is not None:
+            print(f"{split}: {len(data)} examples cached at {data.cache_path}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="jaxalign", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"jaxalign {__version__}")
@@ -63,11 +74,34 @@ def build_parser():
                    help="data,fsdp,model mesh to load onto (default 1,-1,1: FSDP over all devices)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_convert)
+
+    pr = sub.add_parser("prepare", help="tokenise and cache a config's datasets ahead of training",
+                        description="Tokenise data.train_files and data.eval_files of a config into the "
+                                    "data cache (re-used by training; invalidated by any change).")
+    pr.add_argument("--config", required=True, help="recipe file (get_config()); --config.a.b=v overrides")
+    pr.set_defaults(func=cmd_prepare)
     return p
 
 
+def parse_args(argv=None):
+    """argparse plus ml_collections-style `--config.a.b=value` overrides (collected in args.overrides)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = [], []
+    for i, a in enumerate(argv):
+        if a.startswith("--config."):
+            item = a[len("--config."):]
+            if "=" not in item and i + 1 < len(argv):
+                raise SystemExit(f"jaxalign: error: write overrides as {a}=VALUE")
+            overrides.append(item)
+        else:
+            rest.append(a)
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except JaxalignError as e:

@@ -1,0 +1,119 @@
+"""Configs as Python (DESIGN.md §6): a recipe file's `get_config()` returns an ml_collections ConfigDict
+that is merged onto the base skeleton below; `--config.a.b=value` overrides any field. A field that the
+skeleton does not have is an error naming it, never a silent no-op.
+"""
+import ast
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from jaxalign import JaxalignError
+
+# task -> the record format its data uses (formats.KINDS)
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "simpo": "preference", "cpo": "preference",
+             "orpo": "preference", "kto": "unpaired", "ppo": "prompt", "grpo": "prompt"}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "sft"
+    c.run_dir = ""
+    c.seed = 0
+    c.model = dict(path="", preset="", dtype="float32", param_dtype="float32", remat="none",
+                   attention_impl=placeholder(str))
+    c.tokenizer = dict(path="", chat_template="")
+    c.data = dict(
+        train_files="", eval_files="", max_length=1024, max_prompt_length=placeholder(int),
+        truncation="truncate", packing=False, on_error="raise", buckets=placeholder(tuple), shuffle=True,
+        num_proc=1, cache_dir="")
+    c.mesh = dict(shape=(1, -1, 1), rules=placeholder(tuple))
+    c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
+    c.train = dict(steps=100, batch_size=8, micro_batch_size=placeholder(int), eval_every=0, log_every=10)
+    c.checkpoint = dict(every=0, max_to_keep=3, export_hf=False)
+    return c
+
+
+def _merge(base, user, where, prefix=""):
+    for key in user.keys():
+        name = prefix + key
+        if key not in base:
+            raise JaxalignError(f"{where}: unknown config field {name!r}")
+        value = user[key]
+        if isinstance(base[key], ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise JaxalignError(f"{where}: config field {name!r} is a section, got {value!r}")
+            _merge(base[key], value, where, name + ".")
+        else:
+            _set(base, key, value, where, name)
+
+
+def _set(section, key, value, where, name):
+    if isinstance(value, list):
+        value = tuple(value)
+    try:
+        section[key] = value
+    except (TypeError, ValueError) as e:
+        raise JaxalignError(f"{where}: config field {name!r}: {e}") from None
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    return value
+
+
+def apply_overrides(cfg, overrides, where="--config"):
+    """`a.b=value` strings (the `--config.` prefix already removed)."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise JaxalignError(f"{where}.{item}: expected --config.FIELD=VALUE")
+        *sections, key = path.split(".")
+        node = cfg
+        for s in sections:
+            if s not in node or not isinstance(node[s], ml_collections.ConfigDict):
+                raise JaxalignError(f"{where}.{path}: unknown config field {path!r}")
+            node = node[s]
+        if key not in node or isinstance(node[key], ml_collections.ConfigDict):
+            raise JaxalignError(f"{where}.{path}: unknown config field {path!r}")
+        try:
+            value = _parse_value(text, node[key])
+        except ValueError as e:
+            raise JaxalignError(f"{where}.{path}: {e}") from None
+        _set(node, key, value, where, path)
+    return cfg
+
+
+def load_config(path: str, overrides=(), arg=None) -> ml_collections.ConfigDict:
+    """Load a recipe file (`get_config()` or `get_config(arg)` for `file.py:arg`), check it against the
+    skeleton and apply overrides."""
+    if ":" in os.path.basename(path) and arg is None:
+        path, arg = path.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise JaxalignError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location("jaxalign_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise JaxalignError(f"{path}: defines no get_config()")
+    user = module.get_config(arg) if arg is not None else module.get_config()
+    cfg = base_config()
+    _merge(cfg, user, path)
+    apply_overrides(cfg, overrides)
+    if cfg.task not in DATA_KIND:
+        raise JaxalignError(f"{path}: task {cfg.task!r}: expected one of {sorted(DATA_KIND)}")
+    return cfg
