@@ -47,3 +47,64 @@ def restore_params(path: str, target: dict) -> dict:
         return ckptr.restore(path, target)
     finally:
         ckptr.close()
+
+
+class RunCheckpoints:
+    """Orbax CheckpointManager over `run_dir/checkpoints/<step>/`: the train state (params, optimizer
+    state, step, rng) and a JSON item (data-iterator position and anything else a resume needs).
+    Saves are asynchronous; Orbax commits each step atomically, so a kill loses only unsaved steps."""
+
+    def __init__(self, run_dir: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data: dict):
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data)), force=True)
+
+    def restore(self, step: int, target):
+        """(state, data) of `step`; `target` holds ShapeDtypeStructs with the wanted shardings."""
+        check_tree(f"{self.directory}/{step}", self.manager.item_metadata(step)["state"], target)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def latest_run_step(run_dir: str):
+    d = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(d):
+        return None
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()
+             and os.path.isdir(os.path.join(d, n, "state"))]
+    return max(steps) if steps else None
+
+
+def restore_run_params(run_dir: str, target: dict, step=None) -> dict:
+    """Params alone from a run's latest (or given) checkpoint, onto `target`'s shardings."""
+    step = latest_run_step(run_dir) if step is None else step
+    if step is None:
+        raise JaxalignError(f"{run_dir}: no checkpoints")
+    path = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step), "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        stored = ckptr.metadata(path).item_metadata
+        check_tree(path, {"params": stored["params"]}, {"params": target})
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item={"params": target},
+                                                              restore_args={"params": restore_args},
+                                                              partial_restore=True))
+        return out["params"]
+    finally:
+        ckptr.close()

@@ -1,5 +1,5 @@
 """The `jaxalign` command. Subcommands are added as their features land (train, sample, serve, quickstart,
-bench); today: convert, prepare.
+bench); today: convert, prepare, train.
 
 User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
 """
@@ -55,6 +55,19 @@ def cmd_prepare(args):
             print(f"{split}: {len(data)} examples cached at {data.cache_path}")
 
 
+def cmd_train(args):
+    from jaxalign.config import load_config
+    from jaxalign.train import get_task
+    from jaxalign.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, get_task(cfg.task))
+    summary = {**result.metrics, **result.eval_metrics}
+    print(f"done: step {result.step} in {result.run_dir}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in summary.items() if k in ("loss", "eval/loss", "eval/exact_match",
+                                                             "token_accuracy", "tokens_per_sec")))
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="jaxalign", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"jaxalign {__version__}")
@@ -74,6 +87,12 @@ def build_parser():
                    help="data,fsdp,model mesh to load onto (default 1,-1,1: FSDP over all devices)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="train (or resume) the run a config describes",
+                       description="Train the task of a recipe file in its run_dir; re-running the same "
+                                   "command resumes from the latest checkpoint.")
+    t.add_argument("--config", required=True, help="recipe file (get_config()); --config.a.b=v overrides")
+    t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("prepare", help="tokenise and cache a config's datasets ahead of training",
                         description="Tokenise data.train_files and data.eval_files of a config into the "

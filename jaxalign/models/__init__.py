@@ -6,7 +6,8 @@
     lm.config, lm.graphdef, lm.params                                              # what a trainer uses
 
 A jaxalign model directory (`jaxalign convert --from-hf`, `lm.save`) holds `jaxalign_config.json`, an
-Orbax `params/` checkpoint (fast sharded restore on any mesh) and the tokenizer files.
+Orbax `params/` checkpoint (fast sharded restore on any mesh) and the tokenizer files. A training run
+directory holds `jaxalign_config.json` and `checkpoints/<step>/`; loading it takes the latest step's params.
 """
 import dataclasses
 import functools
@@ -62,7 +63,7 @@ def _forward(graphdef, params, input_ids, attention_mask, positions, segment_ids
 class LM:
     config: ModelConfig
     graphdef: Any
-    params: Any                      # nnx.State; leaves are (sharded) jax arrays
+    params: Any                      # nnx.State or its pure dict; leaves are (sharded) jax arrays
     mesh: Mesh
     rules: tuple = mesh_lib.DEFAULT_RULES
     source: Optional[str] = None     # directory it was loaded from (tokenizer files are copied from it)
@@ -79,7 +80,7 @@ class LM:
                             batch.get("positions"), batch.get("segment_ids"), self.rules)
 
     def pure_params(self) -> dict:
-        return nnx.to_pure_dict(self.params)
+        return self.params if isinstance(self.params, dict) else nnx.to_pure_dict(self.params)
 
     def save_pretrained(self, out_dir: str, *, max_shard_size="5GB", tokenizer_dir=None, overwrite=False):
         """HF layout: config.json + (sharded) safetensors in the params' dtype, tokenizer files copied."""
@@ -159,9 +160,12 @@ def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Optional[M
     if os.path.isfile(os.path.join(path, NATIVE_CONFIG)):
         from jaxalign import checkpoint
         params_dir = os.path.join(path, "params")
-        if not os.path.isdir(params_dir):
-            raise JaxalignError(f"{params_dir}: not found (incomplete jaxalign model directory)")
-        pure = checkpoint.restore_params(params_dir, target)
+        if os.path.isdir(params_dir):
+            pure = checkpoint.restore_params(params_dir, target)
+        elif checkpoint.latest_run_step(path) is not None:  # a training run directory
+            pure = checkpoint.restore_run_params(path, target)
+        else:
+            raise JaxalignError(f"{path}: has no params/ or checkpoints/ (incomplete jaxalign directory)")
     else:
         from jaxalign.convert import hf
         with jax.set_mesh(mesh):

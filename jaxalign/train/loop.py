@@ -1,0 +1,294 @@
+"""The one generic training loop (DESIGN.md §3).
+
+A task is a loss over a batch, returned unreduced: (loss_sum, denominator, {metric: (sum, count)}).
+The loop owns the rest: micro-batch accumulation (sums and denominators, so the result is the global
+mean whatever the micro-batch size, accumulation steps or mesh), clipping and the optimizer, a NaN/Inf
+guard, logging, eval, checkpoints and resume, HF export.
+"""
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxalign import JaxalignError, checkpoint, models
+from jaxalign.data import pipeline, templates
+from jaxalign.models.presets import get_preset
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import metrics as metrics_lib
+from jaxalign.train import state as state_lib
+from jaxalign.train.optim import make_optimizer
+
+
+class NonFiniteError(JaxalignError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    # loss(model, batch, rng, cfg) -> (loss_sum, denominator, {name: (sum, count)}); batch holds arrays.
+    loss: Callable
+    # Which host-batch keys go to the devices (the rest, e.g. reward-function extras, stay on the host).
+    batch_keys: Optional[tuple] = None
+    # Adjust the model config (e.g. a reward head); identity by default.
+    model_config: Callable = lambda model_cfg, cfg: model_cfg
+
+
+def _zeros_like_tree(t):
+    return jax.tree.map(jnp.zeros_like, t)
+
+
+def _split_micro(x, n):
+    """[B, ...] -> [n, B/n, ...] taking rows i::n into micro-batch i, so each micro-batch spans every
+    data-parallel shard (a contiguous split would put each micro-batch on a few devices only)."""
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return mesh_lib.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+
+def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
+    def loss_fn(params, batch, key):
+        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, key, cfg)
+        return loss_sum, (denom, mets)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        rng, key = jax.random.split(state["rng"])
+        params = state["params"]
+        micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
+        keys = jax.random.split(key, n_micro)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, first, keys[0])
+        init = (_zeros_like_tree(shapes[1]), _zeros_like_tree(shapes[0]))
+
+        def body(carry, xs):
+            (grads, (loss, (denom, mets))) = carry
+            (l, (d, m)), g = grad_fn(params, *xs)
+            return (jax.tree.map(jnp.add, grads, g), (loss + l, (denom + d, jax.tree.map(jnp.add, mets, m)))), None
+
+        (grads, (loss_sum, (denom, mets))), _ = jax.lax.scan(body, init, (micro, keys))
+        denom = jnp.maximum(denom, 1e-9)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        out = {"step": state["step"] + 1, "params": keep(new_params, params),
+               "opt_state": keep(opt_state, state["opt_state"]), "rng": rng}
+        report = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
+                  "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        report.update({k: s / jnp.maximum(c, 1e-9) for k, (s, c) in mets.items()})
+        return out, report
+
+    return step
+
+
+def make_eval_step(task: Task, graphdef, cfg):
+    def step(params, batch):
+        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0), cfg)
+        return {"loss": (loss_sum, denom), **mets}
+    return step
+
+
+def evaluate(eval_fn, params, data, cfg, task, mesh, rules) -> dict:
+    it = pipeline.Batches(data, cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
+                          buckets=cfg.data.buckets, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    totals = {}
+    for i, host in enumerate(it):
+        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+            break
+        with jax.set_mesh(mesh):
+            out = jax.device_get(eval_fn(params, device_batch(host, task, mesh, rules)))
+        for k, (s, c) in out.items():
+            a, b = totals.get(k, (0.0, 0.0))
+            totals[k] = (a + float(s), b + float(c))
+    return {f"eval/{k}": s / max(c, 1e-9) for k, (s, c) in totals.items()}
+
+
+def device_batch(host: dict, task: Task, mesh, rules):
+    keys = task.batch_keys or [k for k, v in host.items() if isinstance(v, np.ndarray)]
+    return mesh_lib.shard_batch({k: host[k] for k in keys}, mesh, rules)
+
+
+# -------------------------------------------------------------------------------------- set-up
+
+def model_config(cfg, tokenizer):
+    """The model's config: from model.path / init_from, or a preset sized to the tokenizer (from scratch)."""
+    runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                   attention_impl=cfg.model.attention_impl)
+    source = cfg.init_from or cfg.model.path
+    n_tokens = len(tokenizer)
+    if source:
+        model_cfg = models.load_config(source, **runtime)
+        if n_tokens > model_cfg.vocab_size:
+            raise JaxalignError(f"the tokenizer has {n_tokens} tokens but {source} has a vocabulary of "
+                                f"{model_cfg.vocab_size}")
+        return model_cfg
+    if not cfg.model.preset:
+        raise JaxalignError("set model.path (an HF or jaxalign directory) or model.preset")
+    try:
+        model_cfg = get_preset(cfg.model.preset, **runtime)
+    except KeyError as e:
+        raise JaxalignError(str(e.args[0])) from None
+    # From scratch: the embedding fits the tokenizer (padded to a multiple of 64 for tidy sharding).
+    return model_cfg.replace(vocab_size=-(-n_tokens // 64) * 64, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def initial_params(cfg, model_cfg, mesh, rules) -> dict:
+    source = cfg.init_from or cfg.model.path
+    if source:
+        lm = models.from_pretrained(source, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, mesh=mesh,
+                                    rules=rules, num_labels=model_cfg.num_labels or None)
+    else:
+        lm = models.from_config(model_cfg, mesh, rules, seed=cfg.seed)
+    return lm.pure_params()
+
+
+def _write_run_files(cfg, model_cfg, tok_dir):
+    if jax.process_index() != 0:
+        return
+    run_dir = cfg.run_dir
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(run_dir, models.NATIVE_CONFIG), "w") as f:
+        f.write(model_cfg.to_json())
+    from jaxalign.convert.hf import copy_tokenizer
+    copy_tokenizer(tok_dir, run_dir)
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: str
+    step: int
+    metrics: dict          # last logged train metrics
+    eval_metrics: dict     # last eval metrics (empty when no eval)
+    params: dict
+    model_config: object
+    graphdef: object
+    mesh: object
+
+
+def train(cfg, task: Task, log=print) -> RunResult:
+    """Run (or resume) the training job described by `cfg` in cfg.run_dir."""
+    if not cfg.run_dir:
+        raise JaxalignError("run_dir is not set")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+    rules = mesh_lib.normalize_rules(cfg.mesh.rules)
+    tok_dir = cfg.tokenizer.path or cfg.init_from or cfg.model.path
+    if not tok_dir:
+        raise JaxalignError("tokenizer.path is not set (and there is no model.path to take it from)")
+    tokenizer = templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
+    train_data = pipeline.prepare_from_config(cfg, "train", tokenizer, log=log)
+    if train_data is None:
+        raise JaxalignError("data.train_files is not set")
+    eval_data = pipeline.prepare_from_config(cfg, "eval", tokenizer, log=log)
+    model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
+
+    B = cfg.train.batch_size
+    mb = cfg.train.micro_batch_size or B
+    if B % mb:
+        raise JaxalignError(f"train.batch_size {B} is not a multiple of train.micro_batch_size {mb}")
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, abs_state = models.abstract_params(model_cfg)
+    params_abs = nnx.to_pure_dict(abs_state)
+    params_sh = nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules))
+    shardings = state_lib.state_shardings(tx, params_abs, params_sh, mesh)
+
+    ckpt = checkpoint.RunCheckpoints(cfg.run_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
+    it = pipeline.Batches(train_data, B, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
+                          buckets=cfg.data.buckets, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    start = ckpt.latest_step()
+    if start is not None:
+        log(f"resuming from step {start}")
+        state, data_state = ckpt.restore(start, state_lib.abstract_state(tx, params_abs, shardings))
+        it.restore(data_state["iterator"])
+    else:
+        start = 0
+        _write_run_files(cfg, model_cfg, tok_dir)
+        state = state_lib.init_state(tx, initial_params(cfg, model_cfg, mesh, rules), shardings, cfg.seed)
+
+    step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(task, graphdef, cfg))
+    writer = metrics_lib.MetricsWriter(cfg.run_dir, resume_step=start or None)
+    peak = metrics_lib.peak_flops(cfg.train.peak_flops)
+    n_dev = len(jax.devices())
+    last, eval_metrics = {}, {}
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
+               mininterval=1.0, dynamic_ncols=True, unit="step")
+    window, tokens, flops, t0 = [], 0, 0.0, time.time()
+    nonfinite_run, step = 0, start
+    try:
+        while step < cfg.train.steps:
+            host = next(it)
+            T = host_len(host)
+            tokens += real_tokens(host) * jax.process_count()
+            flops += metrics_lib.train_flops_per_token(model_cfg, T) * B * T
+            with jax.set_mesh(mesh):
+                state, report = step_fn(state, device_batch(host, task, mesh, rules))
+            step += 1
+            window.append(report)
+            nonfinite_run = nonfinite_run + 1 if float(report["nonfinite"]) else 0
+            if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteError(f"{nonfinite_run} consecutive steps with a non-finite loss or gradient "
+                                     f"(last at step {step}); the last checkpoint holds finite parameters")
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                elapsed = max(time.time() - t0, 1e-9)
+                last = {k: float(np.mean([float(r[k]) for r in window])) for k in window[-1]}
+                last["nonfinite"] = float(sum(float(r["nonfinite"]) for r in window))
+                last["tokens_per_sec"] = tokens / elapsed
+                last["tflops_per_sec_per_device"] = flops / elapsed / n_dev / 1e12
+                if peak:
+                    last["mfu"] = flops / elapsed / n_dev / peak
+                writer.write(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+                window, tokens, flops, t0 = [], 0, 0.0, time.time()
+            bar.update(1)
+            if eval_data is not None and cfg.train.eval_every and (
+                    step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules)
+                writer.write(step, eval_metrics)
+                log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+                ckpt.save(step, state, {"iterator": it.state(), "step": step})
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if cfg.checkpoint.export_hf and step == cfg.train.steps:
+        export_hf(cfg.run_dir, model_cfg, graphdef, state["params"], mesh, rules)
+    return RunResult(cfg.run_dir, step, last, eval_metrics, state["params"], model_cfg, graphdef, mesh)
+
+
+def host_len(host: dict) -> int:
+    return max(v.shape[1] for k, v in host.items() if isinstance(v, np.ndarray) and k.endswith("input_ids"))
+
+
+def real_tokens(host: dict) -> int:
+    return int(sum(v.sum() for k, v in host.items() if isinstance(v, np.ndarray) and k.endswith("attention_mask")))
+
+
+def export_hf(run_dir, model_cfg, graphdef, params, mesh, rules):
+    lm = models.LM(model_cfg, graphdef, params, mesh, rules, source=run_dir)
+    lm.save_pretrained(os.path.join(run_dir, "hf"), overwrite=True)
+
+
+def read_metrics(run_dir: str) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

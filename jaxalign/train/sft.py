@@ -1,0 +1,39 @@
+"""SFT: token-mean negative log-likelihood on completion (assistant) tokens, packing-aware.
+
+Metrics: token_accuracy (argmax == target on completion tokens), entropy, and exact_match: the share of
+rows whose every completion token is the argmax, i.e. rows that greedy decoding reproduces exactly."""
+import jax.numpy as jnp
+
+from jaxalign.losses.logprobs import shift, token_logprobs
+from jaxalign.train.loop import Task
+
+
+def completion_logprobs(model, batch, cfg, mask_key="completion_mask", prefix=""):
+    """Per-token log-probs of the completion tokens of `prefix`input_ids, their mask and stats."""
+    ids = batch[prefix + "input_ids"]
+    hidden = model.hidden_states(ids, batch[prefix + "attention_mask"], positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"))
+    h, targets, mask = shift(hidden, ids, batch[prefix + mask_key])
+    mask = mask.astype(jnp.float32)
+    if "segment_ids" in batch:  # a segment's first token is not predicted from the previous segment
+        seg = batch["segment_ids"]
+        mask = mask * (seg[:, 1:] == seg[:, :-1])
+    logp, stats = token_logprobs(h, model.head_kernel(), targets, chunk_size=cfg.train.logprob_chunk,
+                                 with_stats=True)
+    return logp, mask, stats
+
+
+def sft_loss(model, batch, rng, cfg):
+    logp, mask, stats = completion_logprobs(model, batch, cfg)
+    tokens = jnp.sum(mask)
+    row_has = jnp.sum(mask, axis=1) > 0
+    row_exact = jnp.all((stats["correct"] > 0) | (mask == 0), axis=1) & row_has
+    metrics = {
+        "token_accuracy": (jnp.sum(stats["correct"] * mask), tokens),
+        "entropy": (jnp.sum(stats["entropy"] * mask), tokens),
+        "exact_match": (jnp.sum(row_exact), jnp.sum(row_has)),
+    }
+    return -jnp.sum(logp * mask), tokens, metrics
+
+
+TASK = Task("sft", sft_loss, batch_keys=None)
