@@ -18,7 +18,9 @@ def save_params(path: str, params: dict):
 
 
 def _keystr(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    """'opt_state/1/0/count': dict keys, sequence indices and namedtuple fields alike (Orbax's metadata
+    and the target tree spell them differently)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def check_tree(path: str, stored, target):
@@ -58,7 +60,9 @@ class RunCheckpoints:
         self.directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None,
                                                enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self):
         return self.manager.latest_step()

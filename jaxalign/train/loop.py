@@ -185,6 +185,9 @@ def train(cfg, task: Task, log=print) -> RunResult:
     if not cfg.run_dir:
         raise JaxalignError("run_dir is not set")
     os.makedirs(cfg.run_dir, exist_ok=True)
+    start = checkpoint.latest_run_step(cfg.run_dir)
+    if start is not None:
+        log(f"resuming from step {start}")  # the first line of a resumed run's output
     mesh = mesh_lib.make_mesh(cfg.mesh.shape)
     rules = mesh_lib.normalize_rules(cfg.mesh.rules)
     tok_dir = cfg.tokenizer.path or cfg.init_from or cfg.model.path
@@ -211,9 +214,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
     it = pipeline.Batches(train_data, B, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
                           buckets=cfg.data.buckets, process_index=jax.process_index(),
                           process_count=jax.process_count())
-    start = ckpt.latest_step()
     if start is not None:
-        log(f"resuming from step {start}")
         state, data_state = ckpt.restore(start, state_lib.abstract_state(tx, params_abs, shardings))
         it.restore(data_state["iterator"])
     else:
