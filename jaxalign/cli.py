@@ -1,5 +1,4 @@
-"""The `jaxalign` command. Subcommands are added as their features land (train, sample, serve, quickstart,
-bench); today: convert, prepare, train.
+"""The `jaxalign` command. Subcommands are added as their features land (sample, serve, plot, bench); today: convert, prepare, train, quickstart.
 
 User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
 """
@@ -68,6 +67,11 @@ def cmd_train(args):
                                                              "token_accuracy", "tokens_per_sec")))
 
 
+def cmd_quickstart(args):
+    from jaxalign import quickstart
+    quickstart.run(args.run_dir)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="jaxalign", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"jaxalign {__version__}")
@@ -93,6 +97,12 @@ def build_parser():
                                    "command resumes from the latest checkpoint.")
     t.add_argument("--config", required=True, help="recipe file (get_config()); --config.a.b=v overrides")
     t.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("quickstart", help="the bundled end-to-end demo (a few minutes on CPU)",
+                       description="Train a tiny LLaMA from scratch on the bundled digit-sorting task and "
+                                   "print held-out exact match before and after, with samples.")
+    q.add_argument("--run-dir", default="runs/quickstart", help="where the runs go (replaced each time)")
+    q.set_defaults(func=cmd_quickstart)
 
     pr = sub.add_parser("prepare", help="tokenise and cache a config's datasets ahead of training",
                         description="Tokenise data.train_files and data.eval_files of a config into the "

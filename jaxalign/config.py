@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(shape=(1, -1, 1), rules=placeholder(tuple))
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=0, weight_decay=0.0, clip_norm=1.0, b1=0.9,
                    b2=0.999, eps=1e-8)
-    c.train = dict(steps=100, batch_size=8, micro_batch_size=placeholder(int), eval_every=0, eval_batches=0,
+    c.train = dict(steps=100, batch_size=8, micro_batch_size=placeholder(int), eval_every=0, eval_batches=0, eval_before=False,
                    log_every=10, max_nonfinite_steps=10, logprob_chunk=128, peak_flops=0.0, progress=True)
     c.checkpoint = dict(every=0, max_to_keep=3, export_hf=False, async_save=True)
     c.init_from = ""

@@ -235,6 +235,10 @@ def train(cfg, task: Task, log=print) -> RunResult:
                mininterval=1.0, dynamic_ncols=True, unit="step")
     window, tokens, flops, t0 = [], 0, 0.0, time.time()
     nonfinite_run, step = 0, start
+    if eval_data is not None and cfg.train.eval_before and start == 0:
+        eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules)
+        writer.write(0, eval_metrics)
+        log("before training: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
     try:
         while step < cfg.train.steps:
             host = next(it)
