@@ -22,9 +22,12 @@ setup(
         "safetensors>=0.6",
         "ml_dtypes>=0.5",
         "numpy>=2",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "matplotlib>=3.8"],
+        "plot": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["jaxalign=jaxalign.cli:main"]},
 )

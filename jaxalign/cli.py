@@ -1,4 +1,4 @@
-"""The `jaxalign` command. Subcommands are added as their features land (sample, serve, plot, bench); today: convert, prepare, train, quickstart.
+"""The `jaxalign` command. Subcommands are added as their features land (sample, serve, bench); today: convert, prepare, train, quickstart, plot.
 
 User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
 """
@@ -72,6 +72,11 @@ def cmd_quickstart(args):
     quickstart.run(args.run_dir)
 
 
+def cmd_plot(args):
+    from jaxalign.plot import plot_run
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="jaxalign", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"jaxalign {__version__}")
@@ -103,6 +108,11 @@ def build_parser():
                                    "print held-out exact match before and after, with samples.")
     q.add_argument("--run-dir", default="runs/quickstart", help="where the runs go (replaced each time)")
     q.set_defaults(func=cmd_quickstart)
+
+    pl = sub.add_parser("plot", help="PNG curves of a run's metrics", description="Plot metrics.jsonl.")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
+    pl.set_defaults(func=cmd_plot)
 
     pr = sub.add_parser("prepare", help="tokenise and cache a config's datasets ahead of training",
                         description="Tokenise data.train_files and data.eval_files of a config into the "

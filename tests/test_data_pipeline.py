@@ -125,25 +125,25 @@ def test_sft_truncate_and_drop(tmp_path, tok, tok_dir):
 def test_preference_truncation_keeps_prompt_end(tmp_path, tok, tok_dir):
     long_q = "The quick brown fox jumps over the lazy dog."
     records = [{"prompt": "Hi", "chosen": "Yes.", "rejected": "No."},
-               {"prompt": long_q, "chosen": "Yes. No. Maybe. Thanks!", "rejected": "No."}]
-    L, P = 32, 16
+               {"prompt": long_q, "chosen": "Yes. No. Maybe. Thanks! Yes. No.", "rejected": "No."}]
+    L, P = 36, 20
     path = write_jsonl(tmp_path / "p.jsonl", records)
     data = prep(tmp_path, tok, tok_dir, path, "preference", max_length=L, max_prompt_length=P)
     assert data.stats["truncated"] == 1 and data.stats["examples"] == 2 and data.stats["dropped_for_length"] == 0
     p0, p1 = chatml_prompt(tok, "Hi"), chatml_prompt(tok, long_q)
     assert len(p0) <= P < len(p1)
     p1 = p1[-P:]  # the prompt keeps its end (the question next to the answer)
-    c1 = chatml_reply(tok, "Yes. No. Maybe. Thanks!")
+    c1 = chatml_reply(tok, "Yes. No. Maybe. Thanks! Yes. No.")
     assert len(c1) > L - P
     chosen = [p0 + chatml_reply(tok, "Yes."), p1 + c1[:L - P]]
     rejected = [p0 + chatml_reply(tok, "No."), p1 + chatml_reply(tok, "No.")]
-    b = next(Batches(data, 2, shuffle=False, epochs=1, buckets=(16, 32)))
-    np.testing.assert_array_equal(b["chosen_input_ids"], right_pad(chosen, 32, PAD))
-    np.testing.assert_array_equal(b["rejected_input_ids"], right_pad(rejected, 32, PAD))
-    np.testing.assert_array_equal(b["chosen_completion_mask"],
-                                  right_pad([[0] * len(p0) + [1] * (len(chosen[0]) - len(p0)), [0] * P + [1] * (L - P)], 32))
+    b = next(Batches(data, 2, shuffle=False, epochs=1, buckets=(16, 36)))
+    np.testing.assert_array_equal(b["chosen_input_ids"], right_pad(chosen, L, PAD))
+    np.testing.assert_array_equal(b["rejected_input_ids"], right_pad(rejected, L, PAD))
+    np.testing.assert_array_equal(b["chosen_completion_mask"], right_pad(
+        [[0] * len(p0) + [1] * (len(chosen[0]) - len(p0)), [0] * P + [1] * (L - P)], L))
     np.testing.assert_array_equal(b["rejected_completion_mask"], right_pad(
-        [[0] * len(p0) + [1] * (len(rejected[0]) - len(p0)), [0] * P + [1] * (len(rejected[1]) - P)], 32))
+        [[0] * len(p0) + [1] * (len(rejected[0]) - len(p0)), [0] * P + [1] * (len(rejected[1]) - P)], L))
     # without max_prompt_length the prompt may take max_length - 1
     data = prep(tmp_path, tok, tok_dir, path, "preference", max_length=24)
     row = data.dataset[1]
@@ -200,6 +200,45 @@ def test_on_error_skip_counts_bad_records(tmp_path, tok, tok_dir):
     assert data.dataset["input_ids"] == [r[0] for r in sft_expected(tok, good)]
     assert any(f"{path}:3: field 'messages[1].content'" in m for m in logs)
     assert any("4 bad records skipped" in m for m in logs)
+
+
+@pytest.mark.parametrize("kind,good,bads", [
+    ("preference", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No.", "margin": 1},
+     [{"prompt": "Hi", "chosen": "Yes."}, {"prompt": "Hi", "chosen": "Yes.", "rejected": "No.", "margin": "x"},
+      {"prompt": "Hi", "chosen": "Yes.", "rejected": [{"role": "assistant", "content": None}]}]),
+    ("unpaired", {"prompt": "Hi", "completion": "Yes.", "label": False},
+     [{"prompt": "Hi", "completion": "Yes.", "label": 0}, {"prompt": "Hi", "label": True},
+      {"prompt": [{"role": "robot", "content": "Hi"}], "completion": "Yes.", "label": True}]),
+    ("prompt", {"prompt": "Hi", "id": 1}, [{"id": 2}, {"messages": [{"role": "user", "content": ""}]}, "[1, 2"]),
+])
+def test_on_error_skip_other_kinds(tmp_path, tok, tok_dir, kind, good, bads):
+    path = write_jsonl(tmp_path / "a.jsonl", [good] + bads + [good])
+    with pytest.raises(JaxalignError, match=rf"a\.jsonl:2: "):
+        prep(tmp_path, tok, tok_dir, path, kind)
+    data = prep(tmp_path, tok, tok_dir, path, kind, on_error="skip")
+    assert data.stats["bad_records_skipped"] == len(bads) and data.stats["examples"] == 2
+    assert data.stats["records"] == len(bads) + 2
+    assert list(data.dataset["where"]) == [f"{path}:1", f"{path}:{len(bads) + 2}"]
+
+
+def test_mixed_file_types_in_one_spec(tmp_path, tok, tok_dir):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    records = sft_records(4)
+    pq.write_table(pa.Table.from_pylist(records[:2]), str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(records[2:]).save_to_disk(str(tmp_path / "saved"))
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump(records[:1], f)
+    data = prep(tmp_path, tok, tok_dir, f"{tmp_path}/a.parquet,{tmp_path}/saved:2,{tmp_path}/c.json", "sft",
+                max_length=64)
+    assert data.dataset["input_ids"] == [r[0] for r in sft_expected(tok, records + records[:1])]
+    assert list(data.dataset["file_id"]) == [0, 0, 1, 1, 2]
+    assert list(data.dataset["where"]) == [f"{tmp_path}/a.parquet:row 0", f"{tmp_path}/a.parquet:row 1",
+                                           f"{tmp_path}/saved:row 0", f"{tmp_path}/saved:row 1",
+                                           f"{tmp_path}/c.json:row 0"]
+    epoch = list(Batches(data, 1, epochs=1, seed=0))
+    assert len(epoch) == 2 + 2 * 2 + 1
 
 
 # --------------------------------------------------------------------------------------------- buckets
@@ -273,8 +312,6 @@ def test_packing_exact(packed):
 
 
 def test_packed_row_equals_segments_alone_in_a_model(packed, tok):
-    import jax
-
     from jaxalign import models
     from jaxalign.models.presets import get_preset
 
@@ -291,7 +328,10 @@ def test_packed_row_equals_segments_alone_in_a_model(packed, tok):
     assert np.abs(packed_logits).max() > 0
     for s, a in enumerate(alone):
         np.testing.assert_allclose(packed_logits[0][segs == s + 1], alone_logits[s, :len(a)], atol=1e-5, rtol=0)
-    del jax
+    # control: one segment id for the whole row lets later segments attend to earlier ones, and it shows
+    merged = np.asarray(lm(b["input_ids"], b["attention_mask"], positions=b["positions"],
+                           segment_ids=b["attention_mask"]))
+    assert np.abs(merged[0][segs == 2] - alone_logits[1, :len(alone[1])]).max() > 1e-3
 
 
 # --------------------------------------------------------------------------------- preference / KTO / prompts
@@ -386,7 +426,7 @@ def test_seeded_shuffle_and_epochs(sft16, tok):
     assert it.state() == {"epoch": 0, "position": 4}
     next(it)
     assert it.state() == {"epoch": 1, "position": 1}
-    assert list(Batches(data, 5, seed=0, epochs=2)).__len__() == 6  # drop_last: 3 batches per epoch
+    assert len(list(Batches(data, 5, seed=0, epochs=2))) == 6  # drop_last: 3 batches per epoch
     with pytest.raises(JaxalignError, match="batch size"):
         next(Batches(data, 32))
 
@@ -440,12 +480,9 @@ def test_eval_pass_covers_every_example_once(tmp_path, tok, tok_dir):
     batches = list(Batches(data, 4, epochs=1, shuffle=False, drop_last=False))
     assert len(batches) == 3
     rows = sft_expected(tok, records)
-    got = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    T = batches[0]["input_ids"].shape[1]
-    assert all(b["input_ids"].shape[1] == T for b in batches[:2])
     last = batches[2]
     np.testing.assert_array_equal(last["weight"], [1, 1, 0, 0])
-    np.testing.assert_array_equal(got["weight"], [1] * 10 + [0, 0])
+    np.testing.assert_array_equal(np.concatenate([b["weight"] for b in batches]), [1] * 10 + [0, 0])
     np.testing.assert_array_equal(last["input_ids"], right_pad([rows[8][0], rows[9][0], [], []],
                                                                last["input_ids"].shape[1], PAD))
     np.testing.assert_array_equal(last["attention_mask"][2:], 0)

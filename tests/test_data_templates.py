@@ -229,6 +229,29 @@ def test_preference_shared_prompt_and_completion_boundary(tok_dirs, tmp_path):
         assert b["rejected_completion_mask"][r, :n].sum() == 0 and b["rejected_completion_mask"][r, n] == 1
 
 
+@pytest.mark.xfail(strict=True, reason="Renderer.prompt_and_completion splits at the FIRST assistant piece, so an "
+                                       "assistant turn inside a multi-turn prompt (and everything after it) lands in "
+                                       "the completion")
+def test_preference_multi_turn_prompt(tok_dirs, tmp_path):
+    prompt = [U("Hi"), A("Yes."), U("Why?")]
+    records = [{"prompt": prompt, "chosen": "Maybe.", "rejected": "No."},
+               {"chosen": prompt + [A("Maybe.")], "rejected": prompt + [A("No.")]}]  # implicit prompt: the same
+    tok, data = prepare(tmp_path, tok_dirs["plain"], "preference", records, max_length=64)
+    p = (enc(tok, "<|im_start|>user\nHi<|im_end|>\n") + enc(tok, "<|im_start|>assistant\n")
+         + enc(tok, "Yes.<|im_end|>\n") + enc(tok, "<|im_start|>user\nWhy?<|im_end|>\n")
+         + enc(tok, "<|im_start|>assistant\n"))
+    chosen, rejected = enc(tok, "Maybe.<|im_end|>\n") + [2], enc(tok, "No.<|im_end|>\n") + [2]
+    T = bucket(len(p) + max(len(chosen), len(rejected)))
+    b = one_batch(data, 2)
+    np.testing.assert_array_equal(b["chosen_input_ids"], right_pad([p + chosen] * 2, T, 0))
+    np.testing.assert_array_equal(b["rejected_input_ids"], right_pad([p + rejected] * 2, T, 0))
+    # the loss covers the final reply only, not the prompt's earlier assistant turn
+    np.testing.assert_array_equal(b["chosen_completion_mask"],
+                                  right_pad([[0] * len(p) + [1] * len(chosen)] * 2, T, 0))
+    # and the prompt ids are those a sampler is given for the same prompt
+    assert data.dataset["prompt_ids"] == [p, p]
+
+
 def test_prompt_rendering_left_padded(tok_dirs, tmp_path):
     tok, data = prepare(tmp_path, tok_dirs["plain"], "prompt", [
         {"prompt": "What is two plus two?", "answer": "4"},
