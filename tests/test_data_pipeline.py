@@ -164,8 +164,6 @@ def test_prompt_truncation(tmp_path, tok, tok_dir):
     assert data.stats["dropped_for_length"] == 1 and data.dataset["prompt_ids"] == [chatml_prompt(tok, "Hi")]
 
 
-@pytest.mark.xfail(strict=True, reason="stats['truncated'] also counts rows that were dropped (truncation='drop', "
-                                       "or an SFT row cut to no completion), so the report double-counts them")
 def test_truncated_count_excludes_dropped_rows(tmp_path, tok, tok_dir):
     records = [{"messages": [U("Hi"), A("Yes.")]},
                {"messages": [U("Hi"), A("Yes. No. Maybe. Thanks! Yes. No. Maybe.")]}]

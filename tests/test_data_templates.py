@@ -229,9 +229,6 @@ def test_preference_shared_prompt_and_completion_boundary(tok_dirs, tmp_path):
         assert b["rejected_completion_mask"][r, :n].sum() == 0 and b["rejected_completion_mask"][r, n] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="Renderer.prompt_and_completion splits at the FIRST assistant piece, so an "
-                                       "assistant turn inside a multi-turn prompt (and everything after it) lands in "
-                                       "the completion")
 def test_preference_multi_turn_prompt(tok_dirs, tmp_path):
     prompt = [U("Hi"), A("Yes."), U("Why?")]
     records = [{"prompt": prompt, "chosen": "Maybe.", "rejected": "No."},

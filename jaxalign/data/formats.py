@@ -186,6 +186,8 @@ def normalize(record: Record, kind: str) -> dict:
         elif "instruction" in d:
             user = _text(where, "instruction", d["instruction"])
             extra = d.get("input") or ""
+            if isinstance(extra, str) and not extra.strip():
+                extra = ""  # Alpaca's "input": " " means no input
             user = user + "\n\n" + _text(where, "input", extra) if extra else user
             msgs = [{"role": "user", "content": user},
                     {"role": "assistant", "content": _text(where, "output", d.get("output"))}]

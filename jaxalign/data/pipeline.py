@@ -23,7 +23,7 @@ import numpy as np
 from jaxalign import JaxalignError
 from jaxalign.data import formats, templates
 
-FORMAT_VERSION = 1  # bump when tokenisation changes, so caches made by older code are not reused
+FORMAT_VERSION = 2  # bump when tokenisation changes, so caches made by older code are not reused
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 TRUNCATION = ("truncate", "drop")
@@ -120,8 +120,8 @@ def _hash_path(h, path):
 def cache_key(files, tokenizer_dir: str, template: str, spec: DataSpec) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, dataclasses.asdict(spec), template]).encode())
-    for path, _ in files:
-        h.update(b"\0file\0")
+    for path, _ in files:  # the path too: rows remember where they came from (error messages)
+        h.update(b"\0file\0" + os.path.abspath(path).encode())
         _hash_path(h, path)
     for name in TOKENIZER_FILES:
         p = os.path.join(tokenizer_dir, name)
@@ -188,7 +188,7 @@ def prepare(files, spec: DataSpec, tokenizer, tokenizer_dir: str, cache_dir: Opt
     for e in errors[:5]:
         log(f"skipping bad record: {e}")
     stats = {"records": len(examples) + skipped, "bad_records_skipped": skipped + len(errors),
-             "truncated": int(sum(ds["truncated"])),
+             "truncated": int(sum(t and not d for t, d in zip(ds["truncated"], ds["dropped"]))),
              "dropped_for_length": int(sum(ds["dropped"])) - len(errors)}
     ds = ds.filter(lambda d: not d, input_columns="dropped").remove_columns(["error", "dropped"])
     stats["examples"] = len(ds)

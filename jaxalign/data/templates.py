@@ -108,14 +108,21 @@ class Renderer:
         return self.encode(self.pieces(messages, where))
 
     def prompt_and_completion(self, prompt, completion, where):
-        """prompt ids (through the generation prompt) and completion ids (through EOS), tokenised apart."""
-        pieces = self.pieces(prompt + completion, where)
-        n_prompt = next(i for i, (_, a) in enumerate(pieces) if a)
-        prompt_ids, _ = self.encode(pieces[:n_prompt])
-        tail = pieces[n_prompt:]
+        """prompt ids (all prompt turns, through the generation prompt: what the sampler is given) and
+        completion ids (through EOS), tokenised apart."""
+        prompt_pieces = [(t, False) for t, _ in self.pieces(prompt, where, generation_prompt_at_end=True)]
+        full = self.pieces(prompt + completion, where)
+        cut, n = 0, sum(len(t) for t, _ in prompt_pieces)
+        while n > 0 and cut < len(full):
+            n -= len(full[cut][0])
+            cut += 1
+        if n != 0 or not any(a for _, a in full[cut:]):
+            raise DataError(f"{where}: the chat template renders the prompt differently when a completion "
+                            f"follows; set tokenizer.chat_template")
+        prompt_ids, _ = self.encode(prompt_pieces)
         saved, self.add_bos = self.add_bos, False
         try:
-            completion_ids, completion_mask = self.encode(tail)
+            completion_ids, completion_mask = self.encode(full[cut:])
         finally:
             self.add_bos = saved
         return prompt_ids, completion_ids, completion_mask
