@@ -35,6 +35,14 @@ def base_config() -> ml_collections.ConfigDict:
                    log_every=10, max_nonfinite_steps=10, logprob_chunk=128, peak_flops=0.0, progress=True)
     c.checkpoint = dict(every=0, max_to_keep=3, export_hf=False, async_save=True)
     c.init_from = ""
+    # Task sections (names and defaults as TRL where it has them).
+    c.rm = dict(center_coef=0.0)
+    c.dpo = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0, ref_path="",
+                 precompute_ref_logps=False)
+    c.simpo = dict(beta=2.0, gamma=0.5, label_smoothing=0.0)
+    c.cpo = dict(beta=0.1, alpha=1.0)
+    c.orpo = dict(lam=0.1)
+    c.kto = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, ref_path="", precompute_ref_logps=False)
     return c
 
 

@@ -19,33 +19,60 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(jaxalign.
 MARKER = ".jaxalign-quickstart"
 
 
-def greedy(model_cfg, graphdef, params, prompt_ids: list, eos_id: int, max_new_tokens: int = 16) -> list:
-    """Greedy completions of a few prompts with the KV cache (a stand-in until jaxalign.sampling exists)."""
-    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    ids = np.zeros((B, P), np.int32)
-    mask = np.zeros((B, P), np.int32)
-    for i, p in enumerate(prompt_ids):  # left padding: every row's next token goes to the same slot
-        ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
-
+def generate(model_cfg, graphdef, params, prompt_ids: list, eos_id: int, max_new_tokens: int = 16,
+             temperature: float = 0.0, seed: int = 0, batch_size: int = 512) -> list:
+    """Completions (token lists, EOS excluded) of prompts with the KV cache: greedy at temperature 0,
+    else sampled. A small stand-in until jaxalign.sampling exists."""
     @jax.jit
-    def step(params, tokens, mask, cache):
+    def step(params, tokens, mask, cache, key):
         logits, cache = nnx.merge(graphdef, params)(tokens, mask, cache=cache)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+        last = logits[:, -1].astype(jnp.float32)
+        if temperature > 0:
+            return jax.random.categorical(key, last / temperature).astype(jnp.int32), cache
+        return jnp.argmax(last, axis=-1).astype(jnp.int32), cache
 
-    cache = KVCache.init(model_cfg, B, P + max_new_tokens)
-    token, cache = step(params, jnp.asarray(ids), jnp.asarray(mask), cache)
-    out, done = [[] for _ in range(B)], np.zeros(B, bool)
-    for _ in range(max_new_tokens):
-        t = np.asarray(token)
-        for i in range(B):
-            if not done[i]:
+    key, out = jax.random.PRNGKey(seed), []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        B, P = len(chunk), max(len(p) for p in prompt_ids)
+        ids, mask = np.zeros((B, P), np.int32), np.zeros((B, P), np.int32)
+        for i, p in enumerate(chunk):  # left padding: every row's next token goes to the same slot
+            ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
+        cache = KVCache.init(model_cfg, B, P + max_new_tokens)
+        key, sub = jax.random.split(key)
+        token, cache = step(params, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+        rows, done = [[] for _ in range(B)], np.zeros(B, bool)
+        for _ in range(max_new_tokens):
+            t = np.asarray(token)
+            for i in np.flatnonzero(~done):
                 done[i] = t[i] == eos_id
                 if not done[i]:
-                    out[i].append(int(t[i]))
-        if done.all():
-            break
-        token, cache = step(params, token[:, None], jnp.ones((B, 1), jnp.int32), cache)
+                    rows[i].append(int(t[i]))
+            if done.all():
+                break
+            key, sub = jax.random.split(key)
+            token, cache = step(params, token[:, None], jnp.ones((B, 1), jnp.int32), cache, sub)
+        out += rows
     return out
+
+
+def exact_match(run_dir: str, log=lambda *a: None) -> float:
+    """Held-out exact match of a run's model on the SFT eval set (rows greedy decoding reproduces)."""
+    from jaxalign import models
+    from jaxalign.config import load_config
+    from jaxalign.data import pipeline, templates
+    from jaxalign.parallel.mesh import make_mesh
+    from jaxalign.train import get_task
+    from jaxalign.train.loop import evaluate, make_eval_step
+
+    cfg = load_config(os.path.join(CONFIGS, "sft.py"), [f"model.path={run_dir}", "model.preset="])
+    mesh = make_mesh(cfg.mesh.shape)
+    lm = models.from_pretrained(run_dir, mesh=mesh)
+    tok = templates.load_tokenizer(cfg.tokenizer.path)
+    data = pipeline.prepare_from_config(cfg, "eval", tok, log=log)
+    task = get_task("sft")
+    eval_fn = jax.jit(make_eval_step(task, lm.graphdef, cfg))
+    return evaluate(eval_fn, lm.pure_params(), data, cfg, task, mesh, lm.rules)["eval/exact_match"]
 
 
 def run(root: str = "runs/quickstart", log=print):
@@ -68,7 +95,7 @@ def run(root: str = "runs/quickstart", log=print):
     renderer = Renderer(tok)
     records = [r.data for r in read_records(cfg.data.eval_files)][:4]
     prompts = [renderer.prompt(r["messages"][:1], "sample") for r in records]
-    completions = greedy(result.model_config, result.graphdef, result.params, prompts, tok.eos_token_id)
+    completions = generate(result.model_config, result.graphdef, result.params, prompts, tok.eos_token_id)
     log("samples (held-out, greedy):")
     for r, c in zip(records, completions):
         answer = tok.decode(c).strip()

@@ -23,6 +23,32 @@ def problem(rng):
     return " ".join(map(str, digits)), " ".join(map(str, sorted(digits)))
 
 
+def wrong_answer(rng, digits):
+    """A plausible mistake: two neighbours swapped, a digit dropped, repeated or changed."""
+    out = sorted(digits)
+    while out == sorted(digits):
+        out = sorted(digits)
+        kind = rng.choice(["swap", "drop", "repeat", "change"])
+        i = rng.randrange(len(out))
+        if kind == "swap" and len(out) > 1:
+            j = min(i, len(out) - 2)
+            out[j], out[j + 1] = out[j + 1], out[j]
+        elif kind == "drop":
+            del out[i]
+        elif kind == "repeat":
+            out.insert(i, out[i])
+        else:
+            out[i] = rng.randint(0, 9)
+    return " ".join(map(str, out))
+
+
+def preference(rng, question):
+    digits = [int(x) for x in question.split()]
+    return {"prompt": [{"role": "user", "content": f"sort: {question}"}],
+            "chosen": [{"role": "assistant", "content": " ".join(map(str, sorted(digits)))}],
+            "rejected": [{"role": "assistant", "content": wrong_answer(rng, digits)}]}
+
+
 def conversation(question, answer):
     return {"messages": [{"role": "user", "content": f"sort: {question}"},
                          {"role": "assistant", "content": answer}]}
@@ -65,6 +91,12 @@ def main():
         with open(os.path.join(OUT, f"{name}.jsonl"), "w") as f:
             for r in items:
                 f.write(json.dumps(r) + "\n")
+    # Preference pairs (RM, DPO): train on the SFT training lists, hold out the SFT eval lists.
+    for name, source in (("pref_train", rows["sft_train"][:2000]), ("pref_eval", rows["sft_eval"])):
+        with open(os.path.join(OUT, f"{name}.jsonl"), "w") as f:
+            for r in source:
+                q = r["messages"][0]["content"].removeprefix("sort: ")
+                f.write(json.dumps(preference(rng, q)) + "\n")
     texts = [PROSE] + [m["content"] for r in rows["sft_train"] for m in r["messages"]]
     build_tokenizer(texts, OUT)
     print("wrote", os.path.abspath(OUT), {k: len(v) for k, v in rows.items()})

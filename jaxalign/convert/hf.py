@@ -23,6 +23,7 @@ from safetensors import safe_open
 from jaxalign import JaxalignError
 from jaxalign.models import gpt2, llama
 from jaxalign.models.config import ModelConfig
+from jaxalign.parallel.mesh import to_host
 
 FAMILIES = {t: fam for fam in (llama, gpt2) for t in fam.MODEL_TYPES}
 INDEX = "model.safetensors.index.json"
@@ -217,14 +218,6 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * units[(m.group(2) or "B").lower()])
 
 
-def _fetch(x):
-    """A (possibly multi-host sharded) array as one host numpy array, replicated through the devices."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    full = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
-    return np.asarray(full.addressable_data(0))
-
-
 _take_layer = jax.jit(lambda stack, i: stack[i])
 
 
@@ -232,7 +225,7 @@ def _hf_array(spec, params):
     parts = []
     for path in spec.paths:
         x = _tree_get(params, path)
-        parts.append(_fetch(x if spec.layer is None else _take_layer(x, spec.layer)))
+        parts.append(to_host(x if spec.layer is None else _take_layer(x, spec.layer)))
     return np.ascontiguousarray(spec.to_hf(*parts))
 
 

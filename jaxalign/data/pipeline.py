@@ -143,6 +143,9 @@ class Prepared:
     stats: dict
     pad_id: int
     cache_path: Optional[str] = None
+    # Per-example values computed after tokenisation (e.g. precomputed reference log-probs), by example
+    # index; batches carry them under the same names.
+    columns: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self):
         return len(self.dataset)
@@ -352,6 +355,11 @@ class Batches:
         local = slice(self.rank * n, (self.rank + 1) * n)
         batch = self.collate(units, local)
         batch["weight"] = weight[local]
+        if not self.packing:
+            index = np.asarray([u[0] if u else -1 for u in units[local]], np.int64)
+            batch["index"] = index
+            for name, values in self.data.columns.items():
+                batch[name] = np.where(index >= 0, values[np.maximum(index, 0)], 0).astype(values.dtype)
         return batch
 
     # ---- collation

@@ -183,5 +183,9 @@ def abstract_with_shardings(abs_state, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
 
 
-def zeros_like_sharded(shape, dtype, sharding):
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one numpy array on every host."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    full = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+    return np.asarray(full.addressable_data(0))

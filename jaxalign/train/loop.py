@@ -39,6 +39,9 @@ class Task:
     batch_keys: Optional[tuple] = None
     # Adjust the model config (e.g. a reward head); identity by default.
     model_config: Callable = lambda model_cfg, cfg: model_cfg
+    # setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log) -> aux: frozen arrays every step receives
+    # (e.g. reference params); it may also attach per-example columns to the datasets (precomputed values).
+    setup: Optional[Callable] = None
 
 
 def _zeros_like_tree(t):
@@ -53,24 +56,24 @@ def _split_micro(x, n):
 
 
 def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
-    def loss_fn(params, batch, key):
-        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, key, cfg)
+    def loss_fn(params, batch, key, aux):
+        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, key, cfg, aux)
         return loss_sum, (denom, mets)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, batch):
+    def step(state, batch, aux):
         rng, key = jax.random.split(state["rng"])
         params = state["params"]
         micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
         keys = jax.random.split(key, n_micro)
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grad_fn, params, first, keys[0])
+        shapes = jax.eval_shape(grad_fn, params, first, keys[0], aux)
         init = (_zeros_like_tree(shapes[1]), _zeros_like_tree(shapes[0]))
 
         def body(carry, xs):
             (grads, (loss, (denom, mets))) = carry
-            (l, (d, m)), g = grad_fn(params, *xs)
+            (l, (d, m)), g = grad_fn(params, *xs, aux)
             return (jax.tree.map(jnp.add, grads, g), (loss + l, (denom + d, jax.tree.map(jnp.add, mets, m)))), None
 
         (grads, (loss_sum, (denom, mets))), _ = jax.lax.scan(body, init, (micro, keys))
@@ -94,13 +97,13 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
 
 
 def make_eval_step(task: Task, graphdef, cfg):
-    def step(params, batch):
-        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0), cfg)
+    def step(params, batch, aux):
+        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0), cfg, aux)
         return {"loss": (loss_sum, denom), **mets}
     return step
 
 
-def evaluate(eval_fn, params, data, cfg, task, mesh, rules) -> dict:
+def evaluate(eval_fn, params, data, cfg, task, mesh, rules, aux=None) -> dict:
     it = pipeline.Batches(data, cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
                           buckets=cfg.data.buckets, process_index=jax.process_index(),
                           process_count=jax.process_count())
@@ -109,7 +112,7 @@ def evaluate(eval_fn, params, data, cfg, task, mesh, rules) -> dict:
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
             break
         with jax.set_mesh(mesh):
-            out = jax.device_get(eval_fn(params, device_batch(host, task, mesh, rules)))
+            out = jax.device_get(eval_fn(params, device_batch(host, task, mesh, rules), aux))
         for k, (s, c) in out.items():
             a, b = totals.get(k, (0.0, 0.0))
             totals[k] = (a + float(s), b + float(c))
@@ -146,14 +149,17 @@ def model_config(cfg, tokenizer):
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def initial_params(cfg, model_cfg, mesh, rules) -> dict:
-    source = cfg.init_from or cfg.model.path
+def initial_params(cfg, model_cfg, mesh, rules, source=None) -> dict:
+    """Starting params: from `source` (default init_from or model.path) or a fresh init. Parameters the
+    task's model does not have (an LM head under a reward model) are left out."""
+    source = source or cfg.init_from or cfg.model.path
     if source:
         lm = models.from_pretrained(source, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, mesh=mesh,
                                     rules=rules, num_labels=model_cfg.num_labels or None)
     else:
         lm = models.from_config(model_cfg, mesh, rules, seed=cfg.seed)
-    return lm.pure_params()
+    wanted = nnx.to_pure_dict(models.abstract_params(model_cfg)[1])
+    return {k: v for k, v in lm.pure_params().items() if k in wanted}
 
 
 def _write_run_files(cfg, model_cfg, tok_dir):
@@ -222,6 +228,8 @@ def train(cfg, task: Task, log=print) -> RunResult:
         _write_run_files(cfg, model_cfg, tok_dir)
         state = state_lib.init_state(tx, initial_params(cfg, model_cfg, mesh, rules), shardings, cfg.seed)
 
+    aux = task.setup(cfg, model_cfg, graphdef, mesh, rules, [d for d in (train_data, eval_data) if d],
+                     log) if task.setup else None
     step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb),
                       out_shardings=(shardings, None), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(task, graphdef, cfg))
@@ -236,7 +244,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
     window, tokens, flops, t0 = [], 0, 0.0, time.time()
     nonfinite_run, step = 0, start
     if eval_data is not None and cfg.train.eval_before and start == 0:
-        eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules)
+        eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules, aux)
         writer.write(0, eval_metrics)
         log("before training: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
     try:
@@ -246,7 +254,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
             tokens += real_tokens(host) * jax.process_count()
             flops += metrics_lib.train_flops_per_token(model_cfg, T) * B * T
             with jax.set_mesh(mesh):
-                state, report = step_fn(state, device_batch(host, task, mesh, rules))
+                state, report = step_fn(state, device_batch(host, task, mesh, rules), aux)
             step += 1
             window.append(report)
             nonfinite_run = nonfinite_run + 1 if float(report["nonfinite"]) else 0
@@ -267,7 +275,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
             bar.update(1)
             if eval_data is not None and cfg.train.eval_every and (
                     step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules)
+                eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules, aux)
                 writer.write(step, eval_metrics)
                 log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:

@@ -8,23 +8,23 @@ from jaxalign.losses.logprobs import shift, token_logprobs
 from jaxalign.train.loop import Task
 
 
-def completion_logprobs(model, batch, cfg, mask_key="completion_mask", prefix=""):
-    """Per-token log-probs of the completion tokens of `prefix`input_ids, their mask and stats."""
-    ids = batch[prefix + "input_ids"]
-    hidden = model.hidden_states(ids, batch[prefix + "attention_mask"], positions=batch.get("positions"),
+def completion_logprobs(model, batch, cfg, with_stats=True):
+    """Per-token log-probs [B, T-1] of each next token, stats (with_stats) and the completion mask."""
+    ids = batch["input_ids"]
+    hidden = model.hidden_states(ids, batch["attention_mask"], positions=batch.get("positions"),
                                  segment_ids=batch.get("segment_ids"))
-    h, targets, mask = shift(hidden, ids, batch[prefix + mask_key])
+    h, targets, mask = shift(hidden, ids, batch["completion_mask"])
     mask = mask.astype(jnp.float32)
     if "segment_ids" in batch:  # a segment's first token is not predicted from the previous segment
         seg = batch["segment_ids"]
         mask = mask * (seg[:, 1:] == seg[:, :-1])
-    logp, stats = token_logprobs(h, model.head_kernel(), targets, chunk_size=cfg.train.logprob_chunk,
-                                 with_stats=True)
-    return logp, mask, stats
+    out = token_logprobs(h, model.head_kernel(), targets, chunk_size=cfg.train.logprob_chunk,
+                         with_stats=with_stats)
+    return (*out, mask) if with_stats else (out, mask)
 
 
-def sft_loss(model, batch, rng, cfg):
-    logp, mask, stats = completion_logprobs(model, batch, cfg)
+def sft_loss(model, batch, rng, cfg, aux=None):
+    logp, stats, mask = completion_logprobs(model, batch, cfg)
     tokens = jnp.sum(mask)
     row_has = jnp.sum(mask, axis=1) > 0
     row_exact = jnp.all((stats["correct"] > 0) | (mask == 0), axis=1) & row_has

@@ -1,0 +1,27 @@
+"""Quickstart stage 3: DPO from the SFT model on the bundled pairs; the reference is the SFT model.
+
+jaxalign quickstart sets model.path to the stage-1 run; on its own:
+jaxalign train --config configs/quickstart/dpo.py --config.model.path=runs/quickstart/sft
+"""
+import os
+
+import ml_collections
+
+import jaxalign
+
+ASSETS = os.path.join(os.path.dirname(jaxalign.__file__), "assets", "quickstart")
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.task = "dpo"
+    c.run_dir = "runs/quickstart/dpo"
+    c.model = dict(path="runs/quickstart/sft", dtype="float32", param_dtype="float32")
+    c.tokenizer = dict(path=ASSETS)
+    c.data = dict(train_files=os.path.join(ASSETS, "pref_train.jsonl"),
+                  eval_files=os.path.join(ASSETS, "pref_eval.jsonl"), max_length=64, buckets=(48, 64))
+    c.dpo = dict(beta=0.1, loss_type="sigmoid", precompute_ref_logps=True)
+    c.optim = dict(lr=3e-4, schedule="cosine", warmup_steps=10, weight_decay=0.0, clip_norm=1.0)
+    c.train = dict(steps=150, batch_size=32, eval_every=75, log_every=25, eval_before=True)
+    c.checkpoint = dict(every=150, max_to_keep=1, export_hf=True)
+    return c
