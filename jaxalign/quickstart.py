@@ -1,7 +1,8 @@
 """`jaxalign quickstart`: the bundled end-to-end demo, no arguments, a fresh machine, a few minutes on CPU.
 
 Stage 1 (SFT): a tiny LLaMA, from scratch, learns to sort digits; prints held-out exact match before and
-after, and greedy samples. Later stages (RM, DPO, PPO, GRPO) start from this model.
+after, and greedy samples. Stage 2 (RM): a reward model from it learns to tell a correct sort from a
+mistake; prints held-out pair accuracy before and after. Later stages (DPO, PPO, GRPO) start from stage 1.
 """
 import os
 import shutil
@@ -88,7 +89,7 @@ def run(root: str = "runs/quickstart", log=print):
     open(os.path.join(root, MARKER), "w").close()
 
     cfg = load_config(os.path.join(CONFIGS, "sft.py"), [f"run_dir={os.path.join(root, 'sft')}"])
-    log("jaxalign quickstart, stage 1/1: SFT of a tiny LLaMA (from scratch) to sort digits")
+    log("jaxalign quickstart, stage 1/2: SFT of a tiny LLaMA (from scratch) to sort digits")
     result = train(cfg, get_task("sft"), log=log)
 
     tok = load_tokenizer(cfg.tokenizer.path)
@@ -105,4 +106,12 @@ def run(root: str = "runs/quickstart", log=print):
     before = next(m["eval/exact_match"] for m in metrics if "eval/exact_match" in m)
     log(f"held-out exact match: before {before:.1%}, after {result.eval_metrics['eval/exact_match']:.1%}")
     log(f"model: {result.run_dir} (HF export: {os.path.join(result.run_dir, 'hf')})")
-    return result
+
+    log("stage 2/2: a reward model from the SFT model, on pairs (a correct sort vs a mistake)")
+    rm_cfg = load_config(os.path.join(CONFIGS, "rm.py"), [f"run_dir={os.path.join(root, 'rm')}",
+                                                         f"model.path={result.run_dir}"])
+    rm = train(rm_cfg, get_task("rm"), log=log)
+    before = next(m["eval/accuracy"] for m in jaxalign.train.loop.read_metrics(rm.run_dir) if "eval/accuracy" in m)
+    log(f"held-out pair accuracy: before {before:.1%}, after {rm.eval_metrics['eval/accuracy']:.1%}")
+    log(f"reward model: {rm.run_dir} (HF *ForSequenceClassification export: {os.path.join(rm.run_dir, 'hf')})")
+    return result, rm

@@ -24,7 +24,6 @@ from flax import nnx
 from jaxalign import JaxalignError, checkpoint, models
 from jaxalign.config import apply_overrides, base_config, load_config
 from jaxalign.data import pipeline
-from jaxalign.train import get_task
 from jaxalign.train.loop import NonFiniteError, Task, read_metrics, train
 from jaxalign.train.sft import TASK as SFT, sft_loss
 from tests.tokenizers_util import make_tokenizer
@@ -265,6 +264,7 @@ def test_kill_and_resume_matches_uninterrupted_run(assets, tmp_path):
         saved = checkpoint.latest_run_step(str(killed))
         logged = [m["step"] for m in read_lines_safely(killed / "metrics.jsonl")]
         assert saved in (4, 8) and max(logged) < STEPS, (saved, logged)
+        kept = [m for m in read_lines_safely(killed / "metrics.jsonl") if m["step"] <= saved]
 
         again = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert again.returncode == 0, again.stderr[-3000:]
@@ -284,8 +284,9 @@ def test_kill_and_resume_matches_uninterrupted_run(assets, tmp_path):
     assert train_steps(killed) == list(range(1, STEPS + 1))
     assert train_steps(straight) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(losses(killed), losses(straight), atol=1e-6, rtol=0)
-    # Steps up to the checkpoint were kept, not re-run: their lines were written by the killed process
-    # (identical anyway); the final parameters agree too.
+    # Only the steps after the checkpoint were re-run: the lines up to it are the killed process's own
+    # (throughput figures included); the final parameters agree too.
+    assert read_metrics(killed)[:saved] == kept and len(kept) == saved
     a, b = models.from_pretrained(str(killed)), models.from_pretrained(str(straight))
     assert_params_close(a.pure_params(), b.pure_params(), atol=1e-6)
 
@@ -306,7 +307,9 @@ def test_mesh_shape_does_not_change_the_numbers(base, assets, tmp_path, shape):
     assert dict(zip(result.mesh.axis_names, result.mesh.axis_sizes)) == dict(zip(("data", "fsdp", "model"),
                                                                                  shape))
     np.testing.assert_allclose(losses(tmp_path), losses(base["run_dir"]), atol=1e-5, rtol=0)
-    assert_params_close(result.params, base["result"].params, atol=1e-5)
+    # Different reduction orders over 12 Adam steps: an element whose gradient is near zero gets a
+    # normalised (O(lr)) update whose sign float noise can tip, hence a looser bound than the losses'.
+    assert_params_close(result.params, base["result"].params, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------ 5. NaN guard
@@ -327,8 +330,8 @@ class PoisonedBatches(pipeline.Batches):
         return batch
 
 
-def poisoned_loss(model, batch, rng, cfg):
-    loss_sum, denom, metrics = sft_loss(model, batch, rng, cfg)
+def poisoned_loss(model, batch, rng, cfg, aux=None):
+    loss_sum, denom, metrics = sft_loss(model, batch, rng, cfg, aux)
     return loss_sum * jnp.mean(batch["poison"]), denom, metrics
 
 
@@ -418,8 +421,6 @@ def test_unknown_override_from_the_command_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and "'train.stepz'" in out.stderr, out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="make_mesh raises ValueError, which jaxalign.cli does not turn into "
-                                       "the one-line `jaxalign: error:` / exit 2 of other config errors")
 def test_bad_mesh_shape_exits_2_with_one_line(assets, tmp_path, capsys):
     from jaxalign.cli import main
     recipe = tmp_path / "ok.py"
@@ -481,9 +482,8 @@ def test_export_hf_loads_in_transformers(base, tmp_path):
 # -------------------------------------------------------------------------------------- 8. init_from
 
 def test_init_from_a_run_directory(base, assets, tmp_path):
-    # No tokenizer.path and no model preset: both come from the run directory.
-    cfg = make_cfg(assets, tmp_path / "zero", "train.steps=0", f"init_from={base['run_dir']}",
-                   "tokenizer.path=", "model.preset=")
+    # No model preset: the architecture comes from the run directory (jaxalign_config.json).
+    cfg = make_cfg(assets, tmp_path / "zero", "train.steps=0", f"init_from={base['run_dir']}", "model.preset=")
     zero = train(cfg, SFT, log=quiet)
     assert zero.model_config == base["result"].model_config
     assert_params_close(zero.params, base["result"].params, atol=0)
@@ -492,6 +492,13 @@ def test_init_from_a_run_directory(base, assets, tmp_path):
     train(cfg, SFT, log=quiet)
     first, base_losses = losses(tmp_path / "one")[0], losses(base["run_dir"])
     assert first < base_losses[0] - 1.0 and first < base_losses[-1] + 0.5, (first, base_losses)
+
+
+def test_init_from_supplies_the_tokenizer(base, assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path, "train.steps=0", f"init_from={base['run_dir']}", "tokenizer.path=",
+                   "model.preset=")
+    zero = train(cfg, SFT, log=quiet)
+    assert_params_close(zero.params, base["result"].params, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- 9. eval

@@ -432,14 +432,19 @@ def spec_from_config(cfg) -> DataSpec:
                     truncation=d.truncation, on_error=d.on_error)
 
 
+def tokenizer_dir(cfg) -> str:
+    """Where a config's tokenizer lives: tokenizer.path, else the model it starts from."""
+    return cfg.tokenizer.path or cfg.init_from or cfg.model.path
+
+
 def prepare_from_config(cfg, split: str = "train", tokenizer=None, log=print) -> Optional[Prepared]:
     """The tokenised `data.train_files` or `data.eval_files` of a config (None when not set)."""
     files = cfg.data.train_files if split == "train" else cfg.data.eval_files
     if not files:
         return None
-    tok_dir = cfg.tokenizer.path or cfg.model.path
+    tok_dir = tokenizer_dir(cfg)
     if not tok_dir:
-        raise JaxalignError("tokenizer.path (or model.path) is not set")
+        raise JaxalignError("tokenizer.path (or model.path / init_from) is not set")
     tokenizer = tokenizer or templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
     return prepare(files, spec_from_config(cfg), tokenizer, tok_dir, cfg.data.cache_dir or None,
                    cfg.data.num_proc, log)

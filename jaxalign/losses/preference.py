@@ -106,7 +106,9 @@ def cpo_loss(chosen_logps, rejected_logps, chosen_nll, *, beta=0.1, alpha=1.0):
 
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
-    return jnp.where(x < -jnp.log(2.0), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+    ln2 = jnp.log(2.0)
+    # Each branch gets an argument clipped to its own side, so the unused branch's gradient stays finite.
+    return jnp.where(x < -ln2, jnp.log1p(-jnp.exp(jnp.minimum(x, -ln2))), jnp.log(-jnp.expm1(jnp.maximum(x, -ln2))))
 
 
 def orpo_log_odds(chosen_avg_logps, rejected_avg_logps):

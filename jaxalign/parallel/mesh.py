@@ -15,7 +15,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxalign import JaxalignError
+
 MESH_AXES = ("data", "fsdp", "model")
+
+
+class MeshError(JaxalignError, ValueError):
+    """A mesh shape that does not fit the devices (a user error: one line from the CLI)."""
 
 # (logical axis, mesh axis | tuple of mesh axes | None). FSDP shards the embed dim of every weight, tensor
 # parallelism ("model") shards heads, mlp and vocab; activations shard their batch over data x fsdp.
@@ -44,16 +50,16 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence] = N
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh.shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+        raise MeshError(f"mesh.shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh.shape {shape}: at most one -1")
+        raise MeshError(f"mesh.shape {shape}: at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"mesh.shape {shape}: {len(devices)} devices are not divisible by {known}")
+            raise MeshError(f"mesh.shape {shape}: {len(devices)} devices are not divisible by {known}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh.shape {shape} needs {math.prod(shape)} devices, {len(devices)} available")
+        raise MeshError(f"mesh.shape {shape} needs {math.prod(shape)} devices, {len(devices)} available")
     device_grid = np.asarray(devices).reshape(shape)
     if len(devices) == len(jax.devices()):
         # Let JAX order devices for the physical topology (ICI rings on TPU, NVLink islands on GPU).

@@ -196,7 +196,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
         log(f"resuming from step {start}")  # the first line of a resumed run's output
     mesh = mesh_lib.make_mesh(cfg.mesh.shape)
     rules = mesh_lib.normalize_rules(cfg.mesh.rules)
-    tok_dir = cfg.tokenizer.path or cfg.init_from or cfg.model.path
+    tok_dir = pipeline.tokenizer_dir(cfg)
     if not tok_dir:
         raise JaxalignError("tokenizer.path is not set (and there is no model.path to take it from)")
     tokenizer = templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
