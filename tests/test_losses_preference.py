@@ -365,9 +365,6 @@ def test_log1mexp_gradient():
     close(got, want, rtol=1e-4, atol=1e-30)
 
 
-@pytest.mark.xfail(strict=True, reason="log1mexp's jnp.where evaluates the unselected branch log1p(-exp(x)) "
-                   "which is -inf when exp(x) rounds to 1 in float32 (x > ~-3e-8); its gradient 0 * inf = NaN "
-                   "poisons jax.grad even though the forward value is right")
 def test_log1mexp_gradient_finite_very_close_to_zero():
     x = jnp.asarray([-1e-8, -2e-8], jnp.float32)
     assert np.all(np.isfinite(np.asarray(P.log1mexp(x))))
