@@ -134,7 +134,8 @@ def test_sft_chatml_single_and_multi_turn_exact(tok_dirs, tmp_path):
     batch = one_batch(data, 3)
     check_sft(batch, [single, multi, single], pad)
     np.testing.assert_array_equal(batch["weight"], [1, 1, 1])
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "weight"}
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "weight", "index"}
+    np.testing.assert_array_equal(np.sort(batch["index"]), [0, 1, 2])  # each row says which example it is
     # the same, read back as text: the loss covers the replies alone, through <|im_end|>\n and the final EOS
     ids, mask = batch["input_ids"][1], batch["completion_mask"][1].astype(bool)
     assert tok.decode(ids[mask]) == "No.<|im_end|>\nMaybe.<|im_end|>\n</s>"

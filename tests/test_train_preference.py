@@ -1,0 +1,351 @@
+"""The reward-model and preference trainers end to end on a tiny from-scratch model (8 simulated CPU
+devices): for rm, dpo, simpo, cpo, orpo and kto the loss is finite and falls and every parameter moves;
+DPO/KTO start exactly at their policy == reference values; a precomputed reference gives the same numbers
+as one computed in the step; TRL metric names; weighted DPO loss lists; micro-batch accumulation; the RM's
+HF export scores like jaxalign; RM margins reach the batch and the loss.
+
+Every run uses the same model, data shapes (one 32-token bucket), batch size and constant schedule, so a
+task's compiled step is shared between its runs through the persistent compilation cache.
+"""
+import json
+import math
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import JaxalignError, models
+from jaxalign.config import apply_overrides, base_config
+from jaxalign.data import pipeline, templates
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import get_task, loop
+from jaxalign.train.loop import read_metrics, train
+from jaxalign.train.preference import parse_loss_types
+from jaxalign.train.reward import last_token_scores
+from tests.tokenizers_util import make_tokenizer
+
+STEPS = 10
+SHORT = 5
+TASKS = ("rm", "dpo", "simpo", "cpo", "orpo", "kto")
+LN2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+def sort_triples(n, seed):
+    """Three digits from {1, 2, 3}, not all equal: ~31 tokens per chat-formatted row with the test
+    tokenizer (only these digits are single tokens after a space), so max_length 32 truncates nothing."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        xs = [rng.randint(1, 3) for _ in range(3)]
+        if len(set(xs)) > 1:
+            out.append(xs)
+    return out
+
+
+def text(xs):
+    return " ".join(map(str, xs))
+
+
+def preference_records(n, seed, margins=False):
+    out = []
+    for i, xs in enumerate(sort_triples(n, seed)):
+        r = {"prompt": "sort: " + text(xs), "chosen": text(sorted(xs)), "rejected": text(sorted(xs, reverse=True))}
+        if margins:
+            r["margin"] = None if i % 8 == 7 else round(0.25 * (1 + i % 7), 2)  # a few records without one
+        out.append(r)
+    return out
+
+
+def unpaired_records(n, seed):
+    out = []
+    for i, xs in enumerate(sort_triples(n, seed)):
+        good = i % 2 == 0
+        out.append({"prompt": "sort: " + text(xs), "completion": text(sorted(xs, reverse=not good)),
+                    "label": good})
+    return out
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pref-assets")
+    return {
+        "tokenizer": make_tokenizer(str(d / "tokenizer")),
+        "pref": write_jsonl(d / "pref.jsonl", preference_records(32, 0)),
+        "margin": write_jsonl(d / "margin.jsonl", preference_records(32, 0, margins=True)),
+        "kto": write_jsonl(d / "kto.jsonl", unpaired_records(32, 1)),
+        "cache": str(d / "data-cache"),
+    }
+
+
+def make_cfg(assets, run_dir, task, *overrides):
+    c = base_config()
+    c.task = task
+    c.run_dir = str(run_dir)
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.tokenizer.path = assets["tokenizer"]
+    c.data.train_files = assets["kto"] if task == "kto" else assets["pref"]
+    c.data.max_length = 32
+    c.data.cache_dir = assets["cache"]
+    c.optim.lr = 3e-3
+    c.optim.schedule = "constant"
+    c.train.steps = STEPS
+    c.train.batch_size = 8
+    c.train.micro_batch_size = 8
+    c.train.log_every = 1
+    c.train.progress = False
+    c.checkpoint.async_save = False
+    return apply_overrides(c, overrides)
+
+
+def quiet(*_):
+    pass
+
+
+def step_metrics(run_dir):
+    return [m for m in read_metrics(run_dir) if "loss" in m]
+
+
+def losses(run_dir):
+    return [m["loss"] for m in step_metrics(run_dir)]
+
+
+def leaves(params):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(params)}
+
+
+def run(assets, run_dir, task, *overrides):
+    cfg = make_cfg(assets, run_dir, task, *overrides)
+    result = train(cfg, get_task(task), log=quiet)
+    return {"cfg": cfg, "result": result, "run_dir": str(run_dir), "losses": losses(run_dir),
+            "metrics": step_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """runs(task) -> the task's reference run (10 steps, batch 8 in one micro-batch), made once; the RM run
+    exports to HF."""
+    done = {}
+
+    def get(task):
+        if task not in done:
+            extra = ("checkpoint.export_hf=true",) if task == "rm" else ()
+            done[task] = run(assets, tmp_path_factory.mktemp(f"run-{task}"), task, *extra)
+        return done[task]
+    return get
+
+
+def initial_params(r):
+    """The parameters the run started from (what the loop initialises for this config and mesh)."""
+    result = r["result"]
+    return loop.initial_params(r["cfg"], result.model_config, result.mesh,
+                               mesh_lib.normalize_rules(r["cfg"].mesh.rules))
+
+
+# ------------------------------------------------------------------ 1. every task trains, every param moves
+
+@pytest.mark.parametrize("task", TASKS)
+def test_loss_falls_and_every_parameter_changes(runs, task):
+    r = runs(task)
+    result, ls = r["result"], r["losses"]
+    assert result.step == STEPS
+    assert [m["step"] for m in r["metrics"]] == list(range(1, STEPS + 1))
+    assert len(ls) == STEPS and all(np.isfinite(ls)), ls
+    assert np.mean(ls[-3:]) < np.mean(ls[:3]), ls
+    assert all(m["nonfinite"] == 0.0 for m in r["metrics"])
+
+    init, final = leaves(initial_params(r)), leaves(result.params)
+    assert init.keys() == final.keys() and len(init) >= 10
+    if task == "rm":
+        assert result.model_config.num_labels == 1 and not result.model_config.lm_head
+        assert any(k.startswith("['score']") for k in final) and not any("lm_head" in k for k in final)
+    else:
+        assert not any(k.startswith("['score']") for k in final)
+    for name in init:
+        assert init[name].shape == final[name].shape, name
+        assert np.all(np.isfinite(final[name])), name
+        assert not np.array_equal(init[name], final[name]), f"{task}: {name} did not change"
+        if name.startswith("['layers']"):  # stacked layers: each layer's slice moved
+            for i in range(init[name].shape[0]):
+                assert not np.array_equal(init[name][i], final[name][i]), f"{task}: {name}[{i}] did not change"
+
+
+def test_dpo_starts_at_ln2(runs):
+    m = runs("dpo")["metrics"][0]
+    assert m["loss"] == pytest.approx(LN2, abs=1e-5)
+    # policy == reference: every implicit reward is 0 at the first step
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert m[k] == pytest.approx(0.0, abs=1e-5), k
+    assert m["rewards/accuracies"] == 0.0
+
+
+def test_kto_starts_at_half_the_weight(runs):
+    r = runs("kto")
+    m = r["metrics"][0]
+    assert r["cfg"].kto.desirable_weight == r["cfg"].kto.undesirable_weight == 1.0
+    assert m["loss"] == pytest.approx(0.5 * 1.0, abs=1e-5)  # 1 - sigmoid(0), KL = 0
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- 2. reference and metrics
+
+def test_dpo_precomputed_reference_matches_on_the_fly(runs, assets, tmp_path):
+    on_the_fly = runs("dpo")
+    pre = run(assets, tmp_path, "dpo", f"train.steps={SHORT}", "dpo.precompute_ref_logps=true")
+    np.testing.assert_allclose(pre["losses"], on_the_fly["losses"][:SHORT], atol=1e-5, rtol=0)
+    assert pre["losses"][0] == pytest.approx(LN2, abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        np.testing.assert_allclose([m[k] for m in pre["metrics"]],
+                                   [m[k] for m in on_the_fly["metrics"][:SHORT]], atol=1e-4, rtol=1e-5, err_msg=k)
+
+
+def test_kto_precomputed_reference_matches_on_the_fly(runs, assets, tmp_path):
+    on_the_fly = runs("kto")
+    pre = run(assets, tmp_path, "kto", f"train.steps={SHORT}", "kto.precompute_ref_logps=true")
+    first = pre["metrics"][0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference: the KL rows agree too
+    assert first["loss"] == pytest.approx(0.5, abs=1e-5)
+    np.testing.assert_allclose(pre["losses"], on_the_fly["losses"][:SHORT], atol=1e-5, rtol=0)
+
+
+TRL_METRICS = {
+    "rm": ("accuracy", "margin", "rewards/chosen", "rewards/rejected"),
+    "dpo": ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected"),
+    "simpo": ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"),
+    "cpo": ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "nll_loss"),
+    "orpo": ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "nll_loss",
+             "log_odds_ratio", "log_odds_chosen"),
+    "kto": ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_metrics_logged_with_trl_names(runs, task):
+    ms = runs(task)["metrics"]
+    for m in ms:
+        for k in ("loss", "grad_norm", "lr") + TRL_METRICS[task]:
+            assert k in m and np.isfinite(m[k]), (task, k)
+    last = ms[-1]
+    for k in ("accuracy", "rewards/accuracies"):
+        if k in last:
+            assert 0.0 <= last[k] <= 1.0
+    if task == "rm":
+        assert last["margin"] == pytest.approx(last["rewards/chosen"] - last["rewards/rejected"], abs=1e-4)
+    if task in ("dpo", "simpo", "cpo", "orpo"):
+        assert last["rewards/margins"] == pytest.approx(last["rewards/chosen"] - last["rewards/rejected"], abs=1e-4)
+    if task == "dpo":  # rewards = beta * (logps - ref logps); they have moved off zero
+        assert abs(last["rewards/margins"]) > 1e-3
+    if task == "kto":
+        assert all(m["kl"] >= 0.0 for m in ms)
+
+
+# ------------------------------------------------------------------------------ 3. DPO loss_type lists
+
+def test_parse_loss_types():
+    assert parse_loss_types("sigmoid") == [("sigmoid", 1.0)]
+    assert parse_loss_types("sigmoid:0.5, hinge:0.5") == [("sigmoid", 0.5), ("hinge", 0.5)]
+    for bad in ("bogus", "sigmoid:0.5,bogus:0.5", " , "):
+        with pytest.raises(JaxalignError):
+            parse_loss_types(bad)
+
+
+def test_dpo_weighted_loss_list_trains(assets, tmp_path):
+    r = run(assets, tmp_path, "dpo", f"train.steps={SHORT}", "dpo.loss_type=sigmoid:0.5,hinge:0.5")
+    ls = r["losses"]
+    assert len(ls) == SHORT and all(np.isfinite(ls)), ls
+    # At the start policy == reference: 0.5 * -log sigmoid(0) + 0.5 * relu(1 - 0).
+    assert ls[0] == pytest.approx(0.5 * LN2 + 0.5, abs=1e-5)
+    assert ls[-1] < ls[0], ls
+
+
+def test_dpo_unknown_loss_type_is_an_error(assets, tmp_path):
+    with pytest.raises(JaxalignError, match="bogus"):
+        train(make_cfg(assets, tmp_path, "dpo", "train.steps=1", "dpo.loss_type=bogus"), get_task("dpo"),
+              log=quiet)
+
+
+# ---------------------------------------------------------------------------------- 4. accumulation
+
+@pytest.mark.parametrize("micro", [4, 2])
+def test_dpo_accumulation_matches_one_big_batch(runs, assets, tmp_path, micro):
+    base = runs("dpo")
+    r = run(assets, tmp_path, "dpo", f"train.steps={SHORT}", f"train.micro_batch_size={micro}")
+    np.testing.assert_allclose(r["losses"], base["losses"][:SHORT], atol=1e-5, rtol=0)
+    for k in ("rewards/margins", "logps/chosen"):
+        np.testing.assert_allclose([m[k] for m in r["metrics"]], [m[k] for m in base["metrics"][:SHORT]],
+                                   atol=1e-4, rtol=1e-5, err_msg=k)
+
+
+# -------------------------------------------------------------------------------------- 5. RM export
+
+def test_rm_export_hf_scores_match(runs, assets):
+    import torch
+    import transformers
+
+    r = runs("rm")
+    run_dir = r["run_dir"]
+    hf_dir = os.path.join(run_dir, "hf")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_cfg = json.load(f)
+    assert hf_cfg["architectures"] == ["LlamaForSequenceClassification"] and hf_cfg.get("num_labels", 1) == 1
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, output_loading_info=True, dtype=torch.float32)
+    for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(k), (k, info)
+    assert model.config.num_labels == 1
+
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id
+    texts = ["sort: 3 1 2 1 2 3", "sort: 2 1 1 2 1 1", "Hello there, how are you today?", "Yes."]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    assert len({len(s) for s in seqs}) > 1  # ragged: right padding matters
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+
+    with torch.no_grad():
+        hf_scores = model.eval()(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                                 attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits[:, 0].numpy()
+    lm = models.from_pretrained(run_dir)  # the run directory: its last checkpoint
+    ours = np.asarray(last_token_scores(lm.module(), {"input_ids": jnp.asarray(ids),
+                                                      "attention_mask": jnp.asarray(mask)}))
+    assert ours.shape == (len(seqs),)
+    np.testing.assert_allclose(hf_scores, ours, atol=1e-4, rtol=0)
+    assert np.ptp(ours) > 1e-3  # the scores are not all the same number
+
+
+# ------------------------------------------------------------------------------------- 6. RM margins
+
+def test_rm_margins_reach_the_batch_and_the_loss(runs, assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path, "rm", f"train.steps={SHORT}", "data.train_files=" + assets["margin"])
+    data = pipeline.prepare_from_config(cfg, "train", log=quiet)
+    with open(assets["margin"]) as f:
+        want = [json.loads(line)["margin"] for line in f]
+    assert len(data) == len(want) == 32
+    batch = next(pipeline.Batches(data, 8, shuffle=False))
+    assert batch["margin"].dtype == np.float32
+    np.testing.assert_allclose(batch["margin"], [m if m is not None else 0.0 for m in want[:8]], atol=0)
+    assert batch["margin"].max() > 0
+
+    r = run(assets, tmp_path, "rm", f"train.steps={SHORT}", "data.train_files=" + assets["margin"])
+    ls = r["losses"]
+    assert len(ls) == SHORT and all(np.isfinite(ls)) and ls[-1] < ls[0], ls
+    # Same records, seed and start as the plain RM run, so the same first batch: positive margins can only
+    # raise -log sigmoid(r_c - r_r - margin).
+    assert ls[0] > runs("rm")["losses"][0] + 1e-3, (ls[0], runs("rm")["losses"][0])
