@@ -6,6 +6,9 @@ HF export scores like jaxalign; RM margins reach the batch and the loss.
 
 Every run uses the same model, data shapes (one 32-token bucket), batch size and constant schedule, so a
 task's compiled step is shared between its runs through the persistent compilation cache.
+
+Two KTO defects are pinned as strict xfails: precomputed reference log-probs of the KL rows come from
+another batch order than training's, and the KL reference point is taken per micro-batch.
 """
 import json
 import math
@@ -211,13 +214,11 @@ def test_dpo_precomputed_reference_matches_on_the_fly(runs, assets, tmp_path):
                                    [m[k] for m in on_the_fly["metrics"][:SHORT]], atol=1e-4, rtol=1e-5, err_msg=k)
 
 
-def test_kto_precomputed_reference_matches_on_the_fly(runs, assets, tmp_path):
-    on_the_fly = runs("kto")
-    pre = run(assets, tmp_path, "kto", f"train.steps={SHORT}", "kto.precompute_ref_logps=true")
-    first = pre["metrics"][0]
-    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference: the KL rows agree too
-    assert first["loss"] == pytest.approx(0.5, abs=1e-5)
-    np.testing.assert_allclose(pre["losses"], on_the_fly["losses"][:SHORT], atol=1e-5, rtol=0)
+def test_kto_refuses_precomputed_reference(assets, tmp_path):
+    """KTO's KL rows (prompt i + the next row's completion) depend on how batches are formed, so their
+    reference log-probs cannot be precomputed per example: the option is an error, not a silent drift."""
+    with pytest.raises(JaxalignError, match="precompute_ref_logps"):
+        run(assets, tmp_path, "kto", "train.steps=1", "kto.precompute_ref_logps=true")
 
 
 TRL_METRICS = {
@@ -287,6 +288,21 @@ def test_dpo_accumulation_matches_one_big_batch(runs, assets, tmp_path, micro):
     for k in ("rewards/margins", "logps/chosen"):
         np.testing.assert_allclose([m[k] for m in r["metrics"]], [m[k] for m in base["metrics"][:SHORT]],
                                    atol=1e-4, rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.xfail(strict=True, reason="kto_loss computes the KL reference point (kto_kl) inside each micro-batch, "
+                   "so with train.micro_batch_size < batch_size every micro-batch uses its own KL instead of the "
+                   "global batch's and the loss changes with the micro-batch size (step 2: 0.4862 at 8 vs 0.4787 "
+                   "at 4); the logged `kl` (a weighted mean of the micro-batch KLs) hides it")
+def test_kto_accumulation_matches_one_big_batch(runs, assets, tmp_path):
+    """DESIGN §3: results do not change with micro-batch size. KTO's KL reference point is a mean over the
+    batch (TRL: gathered over every rank), so it too must span the whole global batch."""
+    base = runs("kto")
+    r = run(assets, tmp_path, "kto", f"train.steps={SHORT}", "train.micro_batch_size=4")
+    assert r["losses"][0] == pytest.approx(0.5, abs=1e-5)  # KL = 0 at the start: no difference yet
+    np.testing.assert_allclose(r["losses"], base["losses"][:SHORT], atol=1e-5, rtol=0)
+    np.testing.assert_allclose([m["kl"] for m in r["metrics"]], [m["kl"] for m in base["metrics"][:SHORT]],
+                               atol=1e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------- 5. RM export

@@ -135,13 +135,11 @@ def kto_loss(model, batch, rng, cfg, aux):
     B = batch["input_ids"].shape[0]
     total, _ = seq_logps(model, _kto_rows(batch), cfg)
     logps, kl_logps = total[:B], total[B:]
-    if "ref_logps" in batch:
-        ref, kl_ref = batch["ref_logps"], batch["ref_kl_logps"]
-    else:
-        ref_total, _ = jax.lax.stop_gradient(seq_logps(_ref_model(model, aux), _kto_rows(batch), cfg))
-        ref, kl_ref = ref_total[:B], ref_total[B:]
+    ref_total, _ = jax.lax.stop_gradient(seq_logps(_ref_model(model, aux), _kto_rows(batch), cfg))
+    ref, kl_ref = ref_total[:B], ref_total[B:]
     w = batch["weight"]
-    kl = P.kto_kl(kl_logps, kl_ref, w)  # the global batch's mean: the sums span every device
+    # The mean over this micro-batch on every device (not yet over accumulation steps: see the open issue).
+    kl = P.kto_kl(kl_logps, kl_ref, w)
     desirable = batch["label"].astype(bool)
     losses = P.kto_losses(logps, ref, desirable, kl, beta=c.beta, desirable_weight=c.desirable_weight,
                           undesirable_weight=c.undesirable_weight)
@@ -164,32 +162,26 @@ def reference_setup(section: str):
 
     def setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log):
         c = cfg[section]
+        if section == "kto" and c.precompute_ref_logps:
+            raise JaxalignError("kto.precompute_ref_logps is not supported: the KL rows pair each prompt with "
+                                "another row's completion, so their reference log-probs depend on the batch")
         source = c.ref_path or None
         ref = initial_params(cfg, model_cfg, mesh, rules, source=source)
         if not c.precompute_ref_logps:
             return {"ref": ref}
         for data in datasets:
-            precompute(section, graphdef, ref, data, cfg, mesh, rules, log)
+            precompute(graphdef, ref, data, cfg, mesh, rules, log)
         return None
 
     return setup
 
 
-def precompute(section, graphdef, ref, data, cfg, mesh, rules, log):
-    """Reference log-probs of every example of `data`, attached as columns (ref_chosen/rejected_logps, or
-    ref_logps/ref_kl_logps for KTO). KTO's KL rows depend on the batch composition, so KTO precomputes
-    with the training batch order of epoch 0 (the mismatched pairs are rebuilt the same way each epoch
-    only when the order repeats; the KL term is a detached, batch-mean estimate either way)."""
-    kto = section == "kto"
+def precompute(graphdef, ref, data, cfg, mesh, rules, log):
+    """Reference log-probs of every pair of `data`, attached as columns ref_chosen_logps/ref_rejected_logps."""
 
     @jax.jit
     def run(params, batch):
-        model = nnx.merge(graphdef, params)
-        if kto:
-            total, _ = seq_logps(model, _kto_rows(batch), cfg)
-            B = batch["input_ids"].shape[0]
-            return total[:B], total[B:]
-        cw, cl, _, _ = pair_logps(model, batch, cfg)
+        cw, cl, _, _ = pair_logps(nnx.merge(graphdef, params), batch, cfg)
         return cw, cl
 
     once = dataclasses.replace(data, files=[(p, 1.0) for p, _ in data.files], columns={})
@@ -205,8 +197,7 @@ def precompute(section, graphdef, ref, data, cfg, mesh, rules, log):
         a, b, index = mesh_lib.to_host(a), mesh_lib.to_host(b), mesh_lib.to_host(index)
         real = index >= 0
         first[index[real]], second[index[real]] = a[real], b[real]
-    names = ("ref_logps", "ref_kl_logps") if kto else ("ref_chosen_logps", "ref_rejected_logps")
-    data.columns.update({names[0]: first, names[1]: second})
+    data.columns.update({"ref_chosen_logps": first, "ref_rejected_logps": second})
     log(f"precomputed reference log-probs for {len(data)} examples")
 
 
