@@ -80,7 +80,7 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
         denom = jnp.maximum(denom, 1e-9)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.asarray(
