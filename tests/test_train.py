@@ -26,7 +26,7 @@ from jaxalign.config import apply_overrides, base_config, load_config
 from jaxalign.data import pipeline
 from jaxalign.train.loop import NonFiniteError, Task, read_metrics, train
 from jaxalign.train.sft import TASK as SFT, sft_loss
-from tests.tokenizers_util import make_tokenizer
+from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +43,6 @@ def sort_conversations(n, seed):
         out.append({"messages": [{"role": "user", "content": " ".join(map(str, xs))},
                                  {"role": "assistant", "content": " ".join(map(str, sorted(xs)))}]})
     return out
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

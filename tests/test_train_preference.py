@@ -28,7 +28,7 @@ from jaxalign.train import get_task, loop
 from jaxalign.train.loop import read_metrics, train
 from jaxalign.train.preference import parse_loss_types
 from jaxalign.train.reward import last_token_scores
-from tests.tokenizers_util import make_tokenizer
+from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 10
 SHORT = 5
@@ -71,13 +71,6 @@ def unpaired_records(n, seed):
         out.append({"prompt": "sort: " + text(xs), "completion": text(sorted(xs, reverse=not good)),
                     "label": good})
     return out
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +283,6 @@ def test_dpo_accumulation_matches_one_big_batch(runs, assets, tmp_path, micro):
                                    atol=1e-4, rtol=1e-5, err_msg=k)
 
 
-@pytest.mark.xfail(strict=True, reason="kto_loss computes the KL reference point (kto_kl) inside each micro-batch, "
-                   "so with train.micro_batch_size < batch_size every micro-batch uses its own KL instead of the "
-                   "global batch's and the loss changes with the micro-batch size (step 2: 0.4862 at 8 vs 0.4787 "
-                   "at 4); the logged `kl` (a weighted mean of the micro-batch KLs) hides it")
 def test_kto_accumulation_matches_one_big_batch(runs, assets, tmp_path):
     """DESIGN §3: results do not change with micro-batch size. KTO's KL reference point is a mean over the
     batch (TRL: gathered over every rank), so it too must span the whole global batch."""

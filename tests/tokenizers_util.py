@@ -26,3 +26,12 @@ def make_tokenizer(path: str, chat_template=None, eos="</s>", bos=None, vocab_si
     os.makedirs(path, exist_ok=True)
     fast.save_pretrained(path)
     return path
+
+
+def write_jsonl(path, records):
+    """Records as a JSON Lines file; returns its path as a string."""
+    import json
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)

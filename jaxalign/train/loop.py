@@ -42,6 +42,10 @@ class Task:
     # setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log) -> aux: frozen arrays every step receives
     # (e.g. reference params); it may also attach per-example columns to the datasets (precomputed values).
     setup: Optional[Callable] = None
+    # pre_step(model, batch, cfg, aux) -> {name: [B, ...] array}: values that need the whole global batch
+    # (e.g. KTO's KL reference point), computed once per step without gradient and added to the batch
+    # before it is split into micro-batches.
+    pre_step: Optional[Callable] = None
 
 
 def _zeros_like_tree(t):
@@ -65,6 +69,7 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
     def step(state, batch, aux):
         rng, key = jax.random.split(state["rng"])
         params = state["params"]
+        batch = with_pre_step(task, graphdef, params, batch, cfg, aux)
         micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
         keys = jax.random.split(key, n_micro)
         first = jax.tree.map(lambda x: x[0], micro)
@@ -96,8 +101,16 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
     return step
 
 
+def with_pre_step(task: Task, graphdef, params, batch, cfg, aux):
+    if task.pre_step is None:
+        return batch
+    extra = task.pre_step(nnx.merge(graphdef, params), batch, cfg, aux)
+    return {**batch, **jax.lax.stop_gradient(extra)}
+
+
 def make_eval_step(task: Task, graphdef, cfg):
     def step(params, batch, aux):
+        batch = with_pre_step(task, graphdef, params, batch, cfg, aux)
         loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0), cfg, aux)
         return {"loss": (loss_sum, denom), **mets}
     return step

@@ -124,22 +124,26 @@ def orpo_loss(model, batch, rng, cfg, aux):
 
 # ------------------------------------------------------------------------------------------- KTO
 
-def _kto_rows(batch):
-    """[completion rows; KL rows (prompt i with the completion of row i+1)] for one forward pass."""
-    return {k: jnp.concatenate([batch[k], batch[f"kl_{k}"]], axis=0)
-            for k in ("input_ids", "attention_mask", "completion_mask")}
+def _kl_rows(batch):
+    """KTO's mismatched rows: prompt i with the completion of row i+1 of the global batch."""
+    return {k: batch[f"kl_{k}"] for k in ("input_ids", "attention_mask", "completion_mask")}
+
+
+def kto_pre_step(model, batch, cfg, aux):
+    """The KL reference point over the whole global batch (every device and micro-batch), once per step."""
+    kl_logps, _ = seq_logps(model, _kl_rows(batch), cfg)
+    kl_ref, _ = seq_logps(_ref_model(model, aux), _kl_rows(batch), cfg)
+    kl = P.kto_kl(kl_logps, kl_ref, batch["weight"])
+    return {"kto_kl": jnp.full(batch["weight"].shape, kl)}
 
 
 def kto_loss(model, batch, rng, cfg, aux):
     c = cfg.kto
-    B = batch["input_ids"].shape[0]
-    total, _ = seq_logps(model, _kto_rows(batch), cfg)
-    logps, kl_logps = total[:B], total[B:]
-    ref_total, _ = jax.lax.stop_gradient(seq_logps(_ref_model(model, aux), _kto_rows(batch), cfg))
-    ref, kl_ref = ref_total[:B], ref_total[B:]
+    rows = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    logps, _ = seq_logps(model, rows, cfg)
+    ref, _ = jax.lax.stop_gradient(seq_logps(_ref_model(model, aux), rows, cfg))
     w = batch["weight"]
-    # The mean over this micro-batch on every device (not yet over accumulation steps: see the open issue).
-    kl = P.kto_kl(kl_logps, kl_ref, w)
+    kl = jnp.max(batch["kto_kl"])  # the same value in every row (kto_pre_step)
     desirable = batch["label"].astype(bool)
     losses = P.kto_losses(logps, ref, desirable, kl, beta=c.beta, desirable_weight=c.desirable_weight,
                           undesirable_weight=c.undesirable_weight)
@@ -205,4 +209,4 @@ DPO = Task("dpo", dpo_loss, setup=reference_setup("dpo"))
 SIMPO = Task("simpo", simpo_loss)
 CPO = Task("cpo", cpo_loss)
 ORPO = Task("orpo", orpo_loss)
-KTO = Task("kto", kto_loss, setup=reference_setup("kto"))
+KTO = Task("kto", kto_loss, setup=reference_setup("kto"), pre_step=kto_pre_step)
