@@ -8,13 +8,7 @@ import pytest
 from jaxalign import JaxalignError
 from jaxalign.data import formats
 from jaxalign.data.formats import DataError, load_examples, parse_files
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
+from tests.tokenizers_util import write_jsonl
 
 
 def load(path, kind, **kw):

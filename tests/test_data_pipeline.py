@@ -13,7 +13,7 @@ import pytest
 from jaxalign import JaxalignError
 from jaxalign.data import pipeline, templates
 from jaxalign.data.pipeline import Batches, DataSpec
-from tests.tokenizers_util import CORPUS, make_tokenizer
+from tests.tokenizers_util import CORPUS, make_tokenizer, write_jsonl
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -29,14 +29,6 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     return templates.load_tokenizer(tok_dir)
-
-
-def write_jsonl(path, records):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 def prep(tmp_path, tok, tok_dir, files, kind, log=None, **spec):

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, processors
 from jaxalign import JaxalignError
 from jaxalign.data import pipeline, templates
 from jaxalign.data.formats import DataError
-from tests.tokenizers_util import make_tokenizer
+from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -38,13 +38,6 @@ def tok_dirs(tmp_path_factory):
     t.save(f"{bos}/tokenizer.json")
     dirs["bos"] = bos
     return dirs
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 def prepare(tmp_path, tok_dir, kind, records, chat_template=None, **spec):

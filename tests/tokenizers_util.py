@@ -29,9 +29,11 @@ def make_tokenizer(path: str, chat_template=None, eos="</s>", bos=None, vocab_si
 
 
 def write_jsonl(path, records):
-    """Records as a JSON Lines file; returns its path as a string."""
+    """Records as a JSON Lines file (a str record is written as-is: malformed lines for error tests);
+    creates the parent directory; returns the path as a string."""
     import json
-    with open(path, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r) + "\n")
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
