@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = dict(every=0, max_to_keep=3, export_hf=False, async_save=True)
     c.init_from = ""
     # Task sections (names and defaults as TRL where it has them).
-    c.rm = dict(center_coef=0.0)
+    c.rm = dict(center_coef=0.0, normalize_reward=False)
     c.dpo = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0, ref_path="",
                  precompute_ref_logps=False)
     c.simpo = dict(beta=2.0, gamma=0.5, label_smoothing=0.0)

@@ -354,3 +354,32 @@ def test_rm_margins_reach_the_batch_and_the_loss(runs, assets, tmp_path):
     # Same records, seed and start as the plain RM run, so the same first batch: positive margins can only
     # raise -log sigmoid(r_c - r_r - margin).
     assert ls[0] > runs("rm")["losses"][0] + 1e-3, (ls[0], runs("rm")["losses"][0])
+
+
+# ------------------------------------------------------------------------ 7. RM reward normalisation
+
+def test_rm_reward_normalisation_stored_and_applied(assets, tmp_path):
+    from jaxalign.convert.hf import config_from_hf
+    from jaxalign.data.pipeline import stack_pairs
+    from jaxalign.train.reward import rewards
+
+    r = run(assets, tmp_path, "rm", f"train.steps={SHORT}", "rm.normalize_reward=true", "checkpoint.export_hf=true")
+    last = r["metrics"][-1]
+    assert "rewards/chosen_std" in last and "rewards/rejected_std" in last and last["rewards/chosen_std"] >= 0
+    assert not any(k.endswith("_sq") for k in last)
+
+    lm = models.from_pretrained(r["run_dir"])
+    assert lm.config.reward_std != 1.0 and lm.config.reward_mean != 0.0
+    hf = config_from_hf(os.path.join(r["run_dir"], "hf"))
+    assert (hf.reward_mean, hf.reward_std) == (lm.config.reward_mean, lm.config.reward_std)
+
+    # Independently: the raw scores of every chosen and rejected row of the set (no eval set: the train set)
+    data = pipeline.prepare_from_config(r["cfg"], "train", log=quiet)
+    batch = next(pipeline.Batches(data, len(data), shuffle=False, epochs=1))
+    rows = {k: jnp.asarray(v) for k, v in stack_pairs(batch).items()}
+    raw = np.asarray(last_token_scores(lm.module(), rows))
+    assert raw.shape == (2 * len(data),)
+    np.testing.assert_allclose(lm.config.reward_mean, raw.mean(), atol=1e-4)
+    np.testing.assert_allclose(lm.config.reward_std, raw.std(), rtol=1e-3)
+    normed = np.asarray(rewards(lm.module(), rows))
+    np.testing.assert_allclose(normed, (raw - raw.mean()) / raw.std(), atol=1e-3)

@@ -75,7 +75,10 @@ def config_from_hf(hf_dir: str, **runtime) -> ModelConfig:
         runtime["param_dtype"] = stored if stored in ST_DTYPES else "float32"
     runtime = {k: v for k, v in runtime.items() if v is not None}
     try:
-        return fam.config_from_hf(h, **runtime)
+        cfg = fam.config_from_hf(h, **runtime)
+        if cfg.num_labels and "reward_mean" in h:
+            cfg = cfg.replace(reward_mean=float(h["reward_mean"]), reward_std=float(h["reward_std"]))
+        return cfg
     except KeyError as e:
         raise JaxalignError(f"{hf_dir}/config.json: field {e.args[0]!r} is missing") from None
     except (ValueError, TypeError) as e:
@@ -90,6 +93,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.num_labels:
         h["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         h["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        if (cfg.reward_mean, cfg.reward_std) != (0.0, 1.0):
+            h["reward_mean"], h["reward_std"] = cfg.reward_mean, cfg.reward_std
     return h
 
 

@@ -37,6 +37,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     lm_head: bool = True                 # False for a model imported from *ForSequenceClassification
     num_labels: int = 0                  # 1 = scalar (reward/value) head `score`
+    # Reward normalisation measured after RM training (rm.normalize_reward): reward = (score - mean) / std.
+    # The raw `score` head is untouched (HF's *ForSequenceClassification gives the raw score).
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[object] = None  # int or tuple of ints
     pad_token_id: Optional[int] = None

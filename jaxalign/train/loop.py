@@ -46,6 +46,18 @@ class Task:
     # (e.g. KTO's KL reference point), computed once per step without gradient and added to the batch
     # before it is split into micro-batches.
     pre_step: Optional[Callable] = None
+    # finish(cfg, model_cfg, graphdef, params, datasets, mesh, rules, log) -> model_cfg: once after the last
+    # step, before the export (e.g. the reward model's normalisation statistics, stored in the config).
+    finish: Optional[Callable] = None
+
+
+def with_std(metrics: dict) -> dict:
+    """Each `<name>_sq` (a mean of squares) next to its mean `<name>` becomes `<name>_std`."""
+    sq = [k for k in metrics if k.endswith("_sq") and k[:-3] in metrics]
+    out = {k: v for k, v in metrics.items() if k not in sq}
+    for k in sq:
+        out[k[:-3] + "_std"] = jnp.sqrt(jnp.maximum(metrics[k] - metrics[k[:-3]] ** 2, 0.0))
+    return out
 
 
 def _zeros_like_tree(t):
@@ -95,7 +107,7 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
                "opt_state": keep(opt_state, state["opt_state"]), "rng": rng}
         report = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        report.update({k: s / jnp.maximum(c, 1e-9) for k, (s, c) in mets.items()})
+        report.update(with_std({k: s / jnp.maximum(c, 1e-9) for k, (s, c) in mets.items()}))
         return out, report
 
     return step
@@ -129,7 +141,8 @@ def evaluate(eval_fn, params, data, cfg, task, mesh, rules, aux=None) -> dict:
         for k, (s, c) in out.items():
             a, b = totals.get(k, (0.0, 0.0))
             totals[k] = (a + float(s), b + float(c))
-    return {f"eval/{k}": s / max(c, 1e-9) for k, (s, c) in totals.items()}
+    means = with_std({k: s / max(c, 1e-9) for k, (s, c) in totals.items()})
+    return {f"eval/{k}": float(v) for k, v in means.items()}
 
 
 def device_batch(host: dict, task: Task, mesh, rules):
@@ -297,6 +310,9 @@ def train(cfg, task: Task, log=print) -> RunResult:
         bar.close()
         ckpt.close()
         writer.close()
+    if task.finish is not None and step == cfg.train.steps:
+        model_cfg = task.finish(cfg, model_cfg, graphdef, state["params"], [train_data, eval_data], mesh, rules, log)
+        _write_run_files(cfg, model_cfg, tok_dir)
     if cfg.checkpoint.export_hf and step == cfg.train.steps:
         export_hf(cfg.run_dir, model_cfg, graphdef, state["params"], mesh, rules)
     return RunResult(cfg.run_dir, step, last, eval_metrics, state["params"], model_cfg, graphdef, mesh)

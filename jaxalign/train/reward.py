@@ -2,12 +2,17 @@
 
 The last real token is located from the attention mask (the rows are right-padded), never from token ids:
 a pad id may equal EOS. The model has no LM head; it exports as HF *ForSequenceClassification.
+With `rm.normalize_reward`, the mean and std of the rewards over the eval set (the train set when there is
+none) are measured after training and stored in the model config (`reward_mean`, `reward_std`, also in the
+HF config.json); `rewards()` applies them, the raw `score` head is unchanged.
 """
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxalign.data.pipeline import stack_pairs
 from jaxalign.losses.reward import reward_losses
-from jaxalign.train.loop import Task
+from jaxalign.train.loop import Task, evaluate
 
 
 def last_token_scores(model, rows):
@@ -18,16 +23,26 @@ def last_token_scores(model, rows):
     return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
 
 
+def rewards(model, rows):
+    """Rewards of right-padded rows, normalised with the model's stored statistics (if any)."""
+    cfg = model.config
+    return (last_token_scores(model, rows) - cfg.reward_mean) / cfg.reward_std
+
+
+def _moments(name, x, w):
+    n = jnp.sum(w)
+    return {name: (jnp.sum(x * w), n), name + "_sq": (jnp.sum(x * x * w), n)}
+
+
 def rm_loss(model, batch, rng, cfg, aux):
-    rewards = last_token_scores(model, stack_pairs(batch))
+    r = last_token_scores(model, stack_pairs(batch))
     B = batch["chosen_input_ids"].shape[0]
-    rc, rr = rewards[:B], rewards[B:]
+    rc, rr = r[:B], r[B:]
     losses = reward_losses(rc, rr, batch["margin"], cfg.rm.center_coef or None)
     w = batch["weight"]
     n = jnp.sum(w)
     metrics = {"accuracy": (jnp.sum((rc > rr) * w), n), "margin": (jnp.sum((rc - rr) * w), n),
-               "rewards/chosen": (jnp.sum(rc * w), n), "rewards/rejected": (jnp.sum(rr * w), n),
-               "rewards/chosen_sq": (jnp.sum(rc * rc * w), n), "rewards/rejected_sq": (jnp.sum(rr * rr * w), n)}
+               **_moments("rewards/chosen", rc, w), **_moments("rewards/rejected", rr, w)}
     return jnp.sum(losses * w), n, metrics
 
 
@@ -35,4 +50,20 @@ def rm_model_config(model_cfg, cfg):
     return model_cfg.replace(num_labels=1, lm_head=False)
 
 
-TASK = Task("rm", rm_loss, model_config=rm_model_config)
+def rm_finish(cfg, model_cfg, graphdef, params, datasets, mesh, rules, log):
+    """Measure the reward mean/std (rm.normalize_reward) and store them in the model config."""
+    if not cfg.rm.normalize_reward:
+        return model_cfg
+    data = datasets[1] if datasets[1] is not None else datasets[0]
+
+    def stats(params, batch, aux):
+        r = last_token_scores(nnx.merge(graphdef, params), stack_pairs(batch))
+        return _moments("reward", r, jnp.concatenate([batch["weight"]] * 2))
+
+    m = evaluate(jax.jit(stats), params, data, cfg, TASK, mesh, rules)
+    mean, std = m["eval/reward"], max(m["eval/reward_std"], 1e-6)
+    log(f"reward normalisation: mean {mean:.4g}, std {std:.4g} (stored in the model config)")
+    return model_cfg.replace(reward_mean=float(mean), reward_std=float(std))
+
+
+TASK = Task("rm", rm_loss, model_config=rm_model_config, finish=rm_finish)
