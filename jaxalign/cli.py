@@ -1,4 +1,4 @@
-"""The `jaxalign` command. Subcommands are added as their features land (sample, serve, bench); today: convert, prepare, train, quickstart, plot.
+"""The `jaxalign` command: convert, prepare, train, sample, chat, quickstart, plot.
 
 User errors (bad files, configs, checkpoints) print one line `jaxalign: error: ...` and exit 2.
 """
@@ -67,6 +67,45 @@ def cmd_train(args):
                                                              "token_accuracy", "tokens_per_sec")))
 
 
+def _generation(args) -> dict:
+    stop = tuple(int(x) for x in args.stop_token_ids.split(",") if x.strip()) if args.stop_token_ids else ()
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, stop_token_ids=stop)
+
+
+def cmd_sample(args):
+    from jaxalign.sampling import batch
+    start = time.time()
+    n = batch.predict_file(args.model, args.prompts, args.out, batch_size=args.batch_size,
+                           num_samples=args.num_samples, chat_template=args.chat_template, mesh_shape=args.mesh,
+                           seed=args.seed, **_generation(args))
+    print(f"wrote {n} rows to {args.out} in {time.time() - start:.1f}s")
+
+
+def cmd_chat(args):
+    from jaxalign.sampling import batch
+    print("jaxalign chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits")
+    batch.chat(args.model, system=args.system, chat_template=args.chat_template, mesh_shape=args.mesh,
+               seed=args.seed, **_generation(args))
+
+
+def _generation_flags(p, temperature):
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    g.add_argument("--stop-token-ids", default="", help="extra stop token ids, comma-separated")
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template", default=None,
+                   help="chatml, raw (no template), a .jinja file or a template string (default: the model's)")
+    p.add_argument("--mesh", type=_mesh_shape, default=(1, -1, 1), help="data,fsdp,model (default 1,-1,1)")
+
+
 def cmd_quickstart(args):
     from jaxalign import quickstart
     quickstart.run(args.run_dir)
@@ -108,6 +147,25 @@ def build_parser():
                                    "print held-out exact match before and after, with samples.")
     q.add_argument("--run-dir", default="runs/quickstart", help="where the runs go (replaced each time)")
     q.set_defaults(func=cmd_quickstart)
+
+    sa = sub.add_parser("sample", help="batch prediction: completions for a file of prompts",
+                        description="Generate completions for each prompt record ({\"prompt\": ...} or "
+                                    "{\"messages\": [...]}) of a JSON/JSONL file with the chat template; "
+                                    "appends rows to --out and resumes where it stopped.")
+    sa.add_argument("--model", required=True, help="HF, jaxalign or training-run directory")
+    sa.add_argument("--prompts", required=True, help="prompt records (.jsonl, .json, .parquet)")
+    sa.add_argument("--out", required=True, help="output .jsonl (rows already there are skipped)")
+    sa.add_argument("--batch-size", type=int, default=32)
+    sa.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    _generation_flags(sa, temperature=1.0)
+    sa.set_defaults(func=cmd_sample)
+
+    ch = sub.add_parser("chat", help="talk to a model in the terminal",
+                        description="An interactive chat with a model, using its chat template.")
+    ch.add_argument("--model", required=True, help="HF, jaxalign or training-run directory")
+    ch.add_argument("--system", default=None, help="a system message")
+    _generation_flags(ch, temperature=0.7)
+    ch.set_defaults(func=cmd_chat)
 
     pl = sub.add_parser("plot", help="PNG curves of a run's metrics", description="Plot metrics.jsonl.")
     pl.add_argument("run_dir")

@@ -45,17 +45,22 @@ class Blocks(nnx.Module):
 
 
 def block(cfg: ModelConfig, p: dict, x, rope, mask, dist, window, kv=None, index=None):
-    """One pre-norm decoder block on hidden x [B, T, D]. With `kv` (this layer's cache k, v [B, S, K, Dh]),
-    the new keys/values are written at slot `index` and attention runs over the whole cache."""
+    """One pre-norm decoder block on hidden x [B, T, D]. With `kv` = (k, v, layer): the whole cache
+    [L, B, S, K, Dh], updated in place (this layer's new keys/values written at slot `index`), and
+    attention runs over this layer's slots."""
     h = norm(p["attn_norm"], x, cfg.norm, cfg.norm_eps)
     q, k, v = dense(p["q"], h), dense(p["k"], h), dense(p["v"], h)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     if kv is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        kv = (k, v)
+        K, V, layer = kv
+        at = (layer, 0, index, 0, 0)
+        K = jax.lax.dynamic_update_slice(K, k.astype(K.dtype)[None], at)
+        V = jax.lax.dynamic_update_slice(V, v.astype(V.dtype)[None], at)
+        k = jax.lax.dynamic_index_in_dim(K, layer, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(V, layer, keepdims=False)
+        kv = (K, V)
     a = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, dist, window, cfg.attention_impl)
     x = x + dense(p["o"], a, contract=2)
     x = x + mlp(p, norm(p["mlp_norm"], x, cfg.norm, cfg.norm_eps), cfg.activation, cfg.gated_mlp)
@@ -129,19 +134,29 @@ class CausalLM(nnx.Module):
             mask, dist = make_mask(index + jnp.arange(T), jnp.arange(cache.mask.shape[1]), key_valid)
         windows = jnp.asarray(np.asarray(cfg.layer_windows or (0,) * cfg.num_layers, np.int32))
 
-        def body(x, xs):
-            p, window, kv = xs
-            x, kv = block(cfg, p, x, rope, mask, dist, window, kv, index)
-            return x, kv
-
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(body, x, (self._weights(self.layers), windows, kv_in))
-        x = norm(self._weights(self.final_norm), x, cfg.norm, cfg.norm_eps)
+        weights = self._weights(self.layers)
         if cache is None:
-            return x
-        return x, KVCache(kv_out[0], kv_out[1], key_valid, index + T)
+            def body(x, xs):
+                p, window = xs
+                return block(cfg, p, x, rope, mask, dist, window)[0], None
+
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, (weights, windows))
+            return norm(self._weights(self.final_norm), x, cfg.norm, cfg.norm_eps)
+
+        # Decoding: the cache rides in the carry and each layer writes its new slots in place (as xs/ys the
+        # scan would copy the whole cache into a fresh stacked output at every step).
+        def cached_body(carry, xs):
+            x, K, V = carry
+            p, window, layer = xs
+            x, (K, V) = block(cfg, p, x, rope, mask, dist, window, (K, V, layer), index)
+            return (x, K, V), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, K, V), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (weights, windows, layers))
+        x = norm(self._weights(self.final_norm), x, cfg.norm, cfg.norm_eps)
+        return x, KVCache(K, V, key_valid, index + T)
 
     def head_kernel(self):
         """The [D, V] output projection (the transposed embedding when tied), in compute dtype."""
