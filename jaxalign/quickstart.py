@@ -9,6 +9,7 @@ mistake; prints held-out pair accuracy before and after. Stage 3 (DPO): the SFT 
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 
@@ -81,6 +82,7 @@ def run(root: str = "runs/quickstart", log=print):
     open(os.path.join(root, MARKER), "w").close()
 
     cfg = load_config(os.path.join(CONFIGS, "sft.py"), [f"run_dir={os.path.join(root, 'sft')}"])
+    t0 = time.time()
     log("jaxalign quickstart, stage 1/3: SFT of a tiny LLaMA (from scratch) to sort digits")
     sft = train(cfg, get_task("sft"), log=log)
     tok = load_tokenizer(cfg.tokenizer.path)
@@ -91,7 +93,8 @@ def run(root: str = "runs/quickstart", log=print):
         log(f"  {r['messages'][0]['content']}  ->  {got}   [{'ok' if got == want else f'expected {want}'}]")
     before = first_eval(sft.run_dir, "eval/exact_match")
     log(f"held-out exact match: before {before:.1%}, after {sft.eval_metrics['eval/exact_match']:.1%}")
-    log(f"model: {sft.run_dir} (HF export: {os.path.join(sft.run_dir, 'hf')})")
+    log(f"model: {sft.run_dir} (HF export: {os.path.join(sft.run_dir, 'hf')}); stage 1 took {time.time() - t0:.0f}s")
+    t0 = time.time()
 
     log("stage 2/3: a reward model from the SFT model, on pairs (a correct sort vs a mistake)")
     rm_cfg = load_config(os.path.join(CONFIGS, "rm.py"), [f"run_dir={os.path.join(root, 'rm')}",
@@ -99,7 +102,9 @@ def run(root: str = "runs/quickstart", log=print):
     rm = train(rm_cfg, get_task("rm"), log=log)
     log(f"held-out pair accuracy: before {first_eval(rm.run_dir, 'eval/accuracy'):.1%}, "
         f"after {rm.eval_metrics['eval/accuracy']:.1%}")
-    log(f"reward model: {rm.run_dir} (HF *ForSequenceClassification export: {os.path.join(rm.run_dir, 'hf')})")
+    log(f"reward model: {rm.run_dir} (HF *ForSequenceClassification export: {os.path.join(rm.run_dir, 'hf')}); "
+        f"stage 2 took {time.time() - t0:.0f}s")
+    t0 = time.time()
 
     log("stage 3/3: DPO from the SFT model on its own mistakes (sampled at temperature 1) vs the answers")
     pairs = os.path.join(root, "dpo_pairs.jsonl")
@@ -114,5 +119,5 @@ def run(root: str = "runs/quickstart", log=print):
     for name, T, k in (("greedy", 0.0, 1), ("sampled at temperature 1", 1.0, 4)):
         b, a = (task_accuracy(m, tok, prompts, answers, T, k) for m in (sft_lm, dpo_lm))
         log(f"held-out exact match, {name}: before (SFT) {b:.1%}, after (DPO) {a:.1%}")
-    log(f"policy: {dpo.run_dir} (HF export: {os.path.join(dpo.run_dir, 'hf')})")
+    log(f"policy: {dpo.run_dir} (HF export: {os.path.join(dpo.run_dir, 'hf')}); stage 3 took {time.time() - t0:.0f}s")
     return sft, rm, dpo

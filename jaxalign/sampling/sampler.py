@@ -127,7 +127,10 @@ def choose(logits, keys, seen, seq, valid, cur, sp: SamplingParams):
     if sp.no_repeat_ngram_size:
         x = jnp.where(banned_ngram_tokens(seq, valid, cur, sp.no_repeat_ngram_size, x.shape[-1]), NEG_INF, x)
     x = truncate_logits(x / T, sp)
-    cut = jnp.any(x != logits / T, axis=-1)  # bitwise equal where nothing touched the logits
+    if sp.modifies_distribution:  # bitwise equal where nothing touched the logits
+        cut = jnp.any(x != logits / T, axis=-1)
+    else:
+        cut = jnp.zeros(logits.shape[:1], bool)
     if sp.greedy:
         token = jnp.argmax(x, axis=-1)
     else:
