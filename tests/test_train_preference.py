@@ -294,6 +294,21 @@ def test_kto_accumulation_matches_one_big_batch(runs, assets, tmp_path):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("task,shape", [("dpo", (2, 2, 2)), ("kto", (8, 1, 1)), ("kto", (2, 2, 2)),
+                                        ("rm", (1, 4, 2))])
+def test_mesh_shape_does_not_change_the_numbers(runs, assets, tmp_path, task, shape):
+    """The reference runs use the default mesh (1, 8, 1); data parallel, FSDP x TP and all three axes give
+    the same losses and metrics (KTO's KL point spans the global batch whatever the layout)."""
+    base = runs(task)
+    r = run(assets, tmp_path, task, f"train.steps={SHORT}", f"mesh.shape={shape}")
+    assert dict(zip(r["result"].mesh.axis_names, r["result"].mesh.axis_sizes)) == dict(
+        zip(("data", "fsdp", "model"), shape))
+    np.testing.assert_allclose(r["losses"], base["losses"][:SHORT], atol=1e-5, rtol=0)
+    key = {"dpo": "rewards/margins", "kto": "kl", "rm": "margin"}[task]
+    np.testing.assert_allclose([m[key] for m in r["metrics"]], [m[key] for m in base["metrics"][:SHORT]],
+                               atol=1e-4, rtol=1e-5, err_msg=key)
+
+
 # -------------------------------------------------------------------------------------- 5. RM export
 
 def test_rm_export_hf_scores_match(runs, assets):
