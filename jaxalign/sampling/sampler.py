@@ -89,6 +89,8 @@ def banned_ngram_tokens(seq, valid, cur, n: int, vocab: int):
     """[B, V] bool: tokens that would repeat an n-gram already in seq[:, :cur] (valid marks real tokens)."""
     B, L = seq.shape
     W = L - n + 1
+    if W <= 0:  # no n-gram fits in the whole sequence: nothing to ban (as transformers)
+        return jnp.zeros((B, vocab), bool)
     windows = jnp.stack([seq[:, k:k + W] for k in range(n)], axis=-1)             # [B, W, n]
     ok = jnp.stack([valid[:, k:k + W] for k in range(n)], axis=-1).all(-1)      # [B, W]
     last = jax.lax.dynamic_slice_in_dim(seq, cur - (n - 1), n - 1, axis=1)      # [B, n-1]
@@ -239,6 +241,10 @@ def generate(lm, input_ids, attention_mask=None, *, max_new_tokens: int, tempera
     if not mask[:, -1].all():
         raise JaxalignError("generate: prompts must be left-padded (every row's last position a real token)")
     cfg = lm.config
+    longest = int(mask.sum(axis=1).max()) + max_new_tokens
+    if cfg.position == "learned" and longest > cfg.max_position_embeddings:
+        raise JaxalignError(f"generate: a prompt of {longest - max_new_tokens} tokens + max_new_tokens "
+                            f"{max_new_tokens} exceeds the model's {cfg.max_position_embeddings} positions")
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                         top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition_penalty),
