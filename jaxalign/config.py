@@ -43,6 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.cpo = dict(beta=0.1, alpha=1.0)
     c.orpo = dict(lam=0.1)
     c.kto = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, ref_path="", precompute_ref_logps=False)
+    # GRPO family (TRL GRPOConfig names): train.batch_size counts prompts, each sampled num_generations times.
+    c.grpo = dict(num_generations=8, max_completion_length=256, temperature=1.0, beta=0.0, kl_estimator="k3",
+                  epsilon=0.2, epsilon_high=0.0, estimator="grpo", scale_rewards="group",
+                  aggregation="token_mean", num_iterations=1, reward_funcs="", reward_weights="", ref_path="",
+                  mask_truncated_completions=False, eval_temperature=0.0)
     return c
 
 

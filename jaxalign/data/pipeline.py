@@ -396,6 +396,7 @@ class Batches:
             ids = [r["prompt_ids"] if r else [] for r in rows]
             return {"input_ids": _pad(ids, P, pad, left=True),
                     "attention_mask": _pad([[1] * len(s) for s in ids], P, 0, left=True),
+                    "prompt": [json.loads(r["prompt"]) if r else [] for r in rows],
                     "extra": [json.loads(r["extra"]) if r else {} for r in rows]}
         names = ("chosen", "rejected") if self.kind == "preference" else ("completion",)
         glob_rows = [ds[i] if i is not None else None for i in flat]

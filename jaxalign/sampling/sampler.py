@@ -241,10 +241,11 @@ def generate(lm, input_ids, attention_mask=None, *, max_new_tokens: int, tempera
     if not mask[:, -1].all():
         raise JaxalignError("generate: prompts must be left-padded (every row's last position a real token)")
     cfg = lm.config
-    longest = int(mask.sum(axis=1).max()) + max_new_tokens
+    longest = int(mask.sum(axis=1).max()) + max_new_tokens - 1  # the last token is sampled, never fed back
     if cfg.position == "learned" and longest > cfg.max_position_embeddings:
-        raise JaxalignError(f"generate: a prompt of {longest - max_new_tokens} tokens + max_new_tokens "
-                            f"{max_new_tokens} exceeds the model's {cfg.max_position_embeddings} positions")
+        raise JaxalignError(f"generate: a prompt of {longest + 1 - max_new_tokens} tokens + max_new_tokens "
+                            f"{max_new_tokens} needs {longest} positions; the model has "
+                            f"{cfg.max_position_embeddings}")
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                         top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition_penalty),

@@ -49,6 +49,10 @@ class Task:
     # finish(cfg, model_cfg, graphdef, params, datasets, mesh, rules, log) -> model_cfg: once after the last
     # step, before the export (e.g. the reward model's normalisation statistics, stored in the config).
     finish: Optional[Callable] = None
+    # make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log) -> a Rollout for online RL: called
+    # with (host batch of prompts, params, step) it returns the host batch to train on (generations, rewards,
+    # advantages), and its evaluate(params, data) replaces the loss-based eval.
+    make_rollout: Optional[Callable] = None
 
 
 def with_std(metrics: dict) -> dict:
@@ -258,7 +262,14 @@ def train(cfg, task: Task, log=print) -> RunResult:
                      log) if task.setup else None
     step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb),
                       out_shardings=(shardings, None), donate_argnums=0)
+    rollout = task.make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log) if task.make_rollout else None
     eval_fn = jax.jit(make_eval_step(task, graphdef, cfg))
+
+    def run_eval(params):
+        if rollout is not None:
+            return rollout.evaluate(params, eval_data)
+        return evaluate(eval_fn, params, eval_data, cfg, task, mesh, rules, aux)
+
     writer = metrics_lib.MetricsWriter(cfg.run_dir, resume_step=start or None)
     peak = metrics_lib.peak_flops(cfg.train.peak_flops)
     n_dev = len(jax.devices())
@@ -270,12 +281,14 @@ def train(cfg, task: Task, log=print) -> RunResult:
     window, tokens, flops, t0 = [], 0, 0.0, time.time()
     nonfinite_run, step = 0, start
     if eval_data is not None and cfg.train.eval_before and start == 0:
-        eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules, aux)
+        eval_metrics = run_eval(state["params"])
         writer.write(0, eval_metrics)
         log("before training: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
     try:
         while step < cfg.train.steps:
             host = next(it)
+            if rollout is not None:
+                host = rollout(host, state["params"], step)
             T = host_len(host)
             tokens += real_tokens(host) * jax.process_count()
             flops += metrics_lib.train_flops_per_token(model_cfg, T) * B * T
@@ -301,7 +314,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
             bar.update(1)
             if eval_data is not None and cfg.train.eval_every and (
                     step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                eval_metrics = evaluate(eval_fn, state["params"], eval_data, cfg, task, mesh, rules, aux)
+                eval_metrics = run_eval(state["params"])
                 writer.write(step, eval_metrics)
                 log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:

@@ -8,8 +8,9 @@ from jaxalign.losses.logprobs import shift, token_logprobs
 from jaxalign.train.loop import Task
 
 
-def completion_logprobs(model, batch, cfg, with_stats=True):
-    """Per-token log-probs [B, T-1] of each next token, stats (with_stats) and the completion mask."""
+def completion_logprobs(model, batch, cfg, with_stats=True, temperature: float = 1.0):
+    """Per-token log-probs [B, T-1] of each next token, stats (with_stats) and the completion mask.
+    RL paths pass the sampling temperature: the log-probs are those of softmax(logits / temperature)."""
     ids = batch["input_ids"]
     hidden = model.hidden_states(ids, batch["attention_mask"], positions=batch.get("positions"),
                                  segment_ids=batch.get("segment_ids"))
@@ -19,7 +20,7 @@ def completion_logprobs(model, batch, cfg, with_stats=True):
         seg = batch["segment_ids"]
         mask = mask * (seg[:, 1:] == seg[:, :-1])
     out = token_logprobs(h, model.head_kernel(), targets, chunk_size=cfg.train.logprob_chunk,
-                         with_stats=with_stats)
+                         with_stats=with_stats, temperature=temperature)
     return (*out, mask) if with_stats else (out, mask)
 
 

@@ -1,0 +1,196 @@
+"""GRPO family (`task="grpo"`) on the generic loop: GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline.
+
+Each step takes train.batch_size prompts, samples grpo.num_generations completions of each with the
+sampler on the live policy params (same arrays, same mesh), scores them with the reward functions
+(`grpo.reward_funcs`, weighted sum), turns rewards into sequence advantages (`grpo.estimator`,
+`grpo.scale_rewards`) and takes one optimizer step on the clipped surrogate (+ beta * k3 KL to the
+reference when beta > 0; beta = 0 loads no reference). With num_iterations = mu > 1 the same generations
+serve mu steps, their old log-probs computed once before the first; checkpoints fall on those boundaries.
+
+Log-probs in the loss divide the logits by the sampling temperature (the sampler's own log-probs are of
+that distribution too). Rows are prompt-major (the G samples of a prompt are adjacent). Randomness is
+keyed by (seed, step, prompt index, sample), so a resumed run draws the same generations.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import JaxalignError, sampling
+from jaxalign.data.pipeline import Batches
+from jaxalign.losses import policy as P
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.rewards import load_reward_funcs
+from jaxalign.train.loop import Task, initial_params
+from jaxalign.train.sft import completion_logprobs
+
+METRIC = "metric/"  # batch columns under this prefix are logged as weighted means
+
+
+def check_config(cfg):
+    c = cfg.grpo
+    if c.num_generations < 1 or (c.estimator == "rloo" and c.num_generations < 2):
+        raise JaxalignError(f"grpo.num_generations={c.num_generations}: needs >= 1 (>= 2 for rloo)")
+    for field, value, allowed in (("estimator", c.estimator, P.ESTIMATORS),
+                                  ("scale_rewards", c.scale_rewards, P.SCALES),
+                                  ("aggregation", c.aggregation, P.AGGREGATIONS),
+                                  ("kl_estimator", c.kl_estimator, ("k1", "k3"))):
+        if value not in allowed:
+            raise JaxalignError(f"grpo.{field}={value!r}: expected one of {allowed}")
+    mu = c.num_iterations
+    if mu < 1 or cfg.train.steps % mu or (cfg.checkpoint.every and cfg.checkpoint.every % mu):
+        raise JaxalignError(f"grpo.num_iterations={mu}: train.steps and checkpoint.every must be multiples of it "
+                            "(checkpoints fall between generation rounds)")
+    if c.temperature <= 0:
+        raise JaxalignError("grpo.temperature must be > 0 (the policy gradient needs samples)")
+
+
+def grpo_loss(model, batch, rng, cfg, aux):
+    c = cfg.grpo
+    logp, stats, mask = completion_logprobs(model, batch, cfg, temperature=c.temperature)
+    old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
+    ref = None
+    if c.beta:
+        ref_model = nnx.merge(nnx.graphdef(model), aux["ref"])
+        ref = jax.lax.stop_gradient(completion_logprobs(ref_model, batch, cfg, with_stats=False,
+                                                        temperature=c.temperature)[0])
+    loss, clipped, kl = P.policy_loss_terms(logp, old, batch["advantages"], clip_eps=c.epsilon,
+                                            clip_eps_high=c.epsilon_high or None, ref_logps=ref,
+                                            kl_coef=c.beta, kl_estimator=c.kl_estimator)
+    total, denom = P.aggregate(loss, mask, c.aggregation, c.max_completion_length)
+    tokens = jnp.sum(mask)
+    w = batch["weight"]
+    metrics = {"kl": (jnp.sum(kl * mask), tokens), "clip_ratio": (jnp.sum(clipped * mask), tokens),
+               "entropy": (jnp.sum(stats["entropy"] * mask), tokens)}
+    metrics.update({k[len(METRIC):]: (jnp.sum(v * w), jnp.sum(w)) for k, v in batch.items() if k.startswith(METRIC)})
+    return total, denom, metrics
+
+
+class Rollout:
+    """Generation, scoring and advantages on the host side of each step (Task.make_rollout)."""
+
+    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
+        check_config(cfg)
+        c = cfg.grpo
+        self.cfg, self.graphdef, self.mesh, self.rules, self.tok, self.log = cfg, graphdef, mesh, rules, tokenizer, log
+        self.funcs = load_reward_funcs(c.reward_funcs, c.reward_weights)
+        self.G = c.num_generations
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        stops = sampling.stop_ids(model_cfg, None, (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None
+                                  else ())
+        self.sp = sampling.SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature,
+                                          stop_token_ids=stops, pad_token_id=pad)
+        self.eval_sp = sampling.SamplingParams(max_new_tokens=c.max_completion_length,
+                                               temperature=c.eval_temperature, stop_token_ids=stops,
+                                               pad_token_id=pad)
+        self.cached = None
+        self._old_logps = jax.jit(lambda params, batch: completion_logprobs(
+            nnx.merge(graphdef, params), batch, cfg, with_stats=False, temperature=c.temperature)[0])
+
+    # ---- generation and scoring
+    def generate(self, host, params, sp, G, key):
+        """Completions of each prompt row repeated G times: (tokens [n, N], lengths, stopped, texts)."""
+        ids = np.repeat(host["input_ids"], G, axis=0)
+        mask = np.repeat(host["attention_mask"], G, axis=0).astype(bool)
+        index = np.maximum(np.asarray(host["index"]), 0)
+        row_ids = (np.repeat(index, G) * G + np.tile(np.arange(G), len(index))).astype(np.int32)
+        batch = mesh_lib.shard_batch({"ids": ids, "mask": mask, "rows": row_ids}, self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            out = sampling.sample(self.graphdef, params, batch["ids"], batch["mask"], key, batch["rows"], sp,
+                                  self.rules)
+        n, rank = len(ids), jax.process_index()
+        local = lambda x: mesh_lib.to_host(x)[rank * n:(rank + 1) * n]
+        tokens, lengths, stopped = local(out.tokens), local(out.lengths), local(out.stopped_on_eos)
+        texts = [self.tok.decode(t[:k - int(s)], skip_special_tokens=True)
+                 for t, k, s in zip(tokens, lengths, stopped)]
+        return ids, mask, tokens, lengths, stopped, texts
+
+    def score(self, host, texts, G):
+        """Weighted reward sum [n] (NaN where no function could score) and each function's rewards. Padding
+        rows (weight 0: the end of an eval set) are not shown to the reward functions."""
+        real = np.flatnonzero(np.repeat(np.asarray(host["weight"]) > 0, G))
+        prompts = [host["prompt"][i // G] for i in real]
+        extras = [host["extra"][i // G] for i in real]
+        kwargs = {k: [e.get(k) for e in extras] for k in sorted({k for e in extras for k in e})}
+        total, each = np.zeros(len(texts)), {}
+        scored = np.zeros(len(texts), bool)
+        for name, fn, w in self.funcs:
+            vals = fn(prompts=prompts, completions=[texts[i] for i in real], **kwargs)
+            if len(vals) != len(real):
+                raise JaxalignError(f"reward function {name} returned {len(vals)} values for {len(real)} completions")
+            r = np.full(len(texts), np.nan)
+            r[real] = [np.nan if v is None else float(v) for v in vals]
+            each[name] = r
+            scored |= ~np.isnan(r)
+            total += w * np.nan_to_num(r)
+        return np.where(scored, total, np.nan), each
+
+    def __call__(self, host, params, step):
+        mu = self.cfg.grpo.num_iterations
+        if self.cached is not None and step % mu:
+            return self.cached
+        c = self.cfg.grpo
+        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
+        ids, mask, tokens, lengths, stopped, texts = self.generate(host, params, self.sp, self.G, key)
+        rewards, each = self.score(host, texts, self.G)
+        ok = ~np.isnan(rewards)
+        adv = np.asarray(P.group_advantages(np.nan_to_num(rewards), self.G, scale=c.scale_rewards,
+                                            estimator=c.estimator))
+        adv = np.where(ok, adv, 0.0)
+        N = tokens.shape[1]
+        gen_mask = np.arange(N)[None] < lengths[:, None]
+        comp_mask = gen_mask & (stopped[:, None] | (not c.mask_truncated_completions))
+        weight = np.repeat(host["weight"], self.G).astype(np.float32)
+        batch = {"input_ids": np.concatenate([ids, tokens], 1).astype(np.int32),
+                 "attention_mask": np.concatenate([mask, gen_mask], 1).astype(np.int32),
+                 "completion_mask": np.concatenate([np.zeros_like(mask), comp_mask], 1).astype(np.int32),
+                 "advantages": adv.astype(np.float32), "weight": weight,
+                 METRIC + "reward": np.nan_to_num(rewards).astype(np.float32),
+                 METRIC + "reward_sq": (np.nan_to_num(rewards) ** 2).astype(np.float32),
+                 METRIC + "completions/mean_length": lengths.astype(np.float32),
+                 METRIC + "completions/clipped_ratio": (~stopped).astype(np.float32),
+                 METRIC + "frac_reward_zero_std": np.repeat(
+                     np.nan_to_num(rewards).reshape(-1, self.G).std(1) == 0, self.G).astype(np.float32)}
+        for name, r in each.items():
+            batch[f"{METRIC}rewards/{name}"] = np.nan_to_num(r).astype(np.float32)
+        if mu > 1:
+            dev = mesh_lib.shard_batch({k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")},
+                                       self.mesh, self.rules)
+            with jax.set_mesh(self.mesh):
+                old = self._old_logps(params, dev)
+            n, rank = len(ids), jax.process_index()
+            batch["old_logps"] = mesh_lib.to_host(old)[rank * n:(rank + 1) * n]
+        self.cached = batch
+        return batch
+
+    # ---- eval: rewards of one completion per held-out prompt (greedy by default)
+    def evaluate(self, params, data) -> dict:
+        it = Batches(data, self.cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
+                     buckets=self.cfg.data.buckets, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+        sums, n = {}, 0.0
+        for i, host in enumerate(it):
+            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+                break
+            key = jax.random.PRNGKey(self.cfg.seed + 1)
+            _, _, _, lengths, _, texts = self.generate(host, params, self.eval_sp, 1, key)
+            rewards, each = self.score(host, texts, 1)
+            w = np.asarray(host["weight"], np.float64)
+            cols = {"reward": np.nan_to_num(rewards), "completions/mean_length": lengths.astype(np.float64),
+                    **{f"rewards/{k}": np.nan_to_num(v) for k, v in each.items()}}
+            for k, v in cols.items():
+                sums[k] = sums.get(k, 0.0) + float(np.sum(v * w))
+            n += float(w.sum())
+        return {f"eval/{k}": v / max(n, 1e-9) for k, v in sums.items()}
+
+
+def grpo_setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log):
+    if not cfg.grpo.beta:
+        return None  # beta = 0: no reference model is loaded
+    return {"ref": initial_params(cfg, model_cfg, mesh, rules, source=cfg.grpo.ref_path or None)}
+
+
+TASK = Task("grpo", grpo_loss, setup=grpo_setup,
+            batch_keys=None,
+            make_rollout=lambda cfg, model_cfg, graphdef, mesh, rules, tok, log: Rollout(
+                cfg, model_cfg, graphdef, mesh, rules, tok, log))

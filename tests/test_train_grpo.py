@@ -1,0 +1,166 @@
+"""GRPO on the generic loop (jaxalign/train/grpo.py), end to end on a tiny from-scratch model with the
+sampler on the live params: the reward rises and every parameter moves; the first update has ratio 1 and
+KL 0; the record's extra fields reach the reward functions and the advantages; accumulation and mesh shape
+leave the numbers unchanged (the token mean is global); a resumed run draws the same generations as an
+uninterrupted one; num_iterations > 1 reuses generations with their old log-probs; bad configs are errors."""
+import numpy as np
+import pytest
+
+from jaxalign import JaxalignError
+from jaxalign.config import apply_overrides, base_config
+from jaxalign.train import get_task, loop
+from jaxalign.train.loop import read_metrics, train
+from tests.tokenizers_util import make_tokenizer, write_jsonl
+
+GRPO = get_task("grpo")
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo-assets")
+    words = ["Hello there", "Name a color.", "Yes?", "Sort the list 3 1 2", "What is two plus two?", "Thanks!",
+             "The quick brown fox", "Maybe."]
+    records = [{"prompt": w, "answer": "x" * (1 + i % 5)} for i, w in enumerate(words * 4)]
+    return {"tokenizer": make_tokenizer(str(d / "tokenizer")), "train": write_jsonl(d / "p.jsonl", records),
+            "cache": str(d / "cache")}
+
+
+def make_cfg(assets, run_dir, *overrides):
+    c = base_config()
+    c.task = "grpo"
+    c.run_dir = str(run_dir)
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.tokenizer.path = assets["tokenizer"]
+    c.data.train_files = assets["train"]
+    c.data.max_length = 32
+    c.data.cache_dir = assets["cache"]
+    c.optim.lr = 1e-2
+    c.optim.schedule = "constant"
+    c.train.steps = STEPS
+    c.train.batch_size = 4
+    c.train.log_every = 1
+    c.train.progress = False
+    c.checkpoint.async_save = False
+    c.grpo.num_generations = 4
+    c.grpo.max_completion_length = 8
+    c.grpo.reward_funcs = "tests.grpo_rewards:e_fraction"
+    return apply_overrides(c, overrides)
+
+
+def quiet(*_):
+    pass
+
+
+def run(assets, run_dir, *overrides):
+    result = train(make_cfg(assets, run_dir, *overrides), GRPO, log=quiet)
+    return result, [m for m in read_metrics(str(run_dir)) if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def base(assets, tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo-base")
+    result, metrics = run(assets, d, f"train.steps={3 * STEPS}")
+    return {"result": result, "metrics": metrics, "run_dir": str(d)}
+
+
+def test_reward_rises_and_every_parameter_moves(base, assets):
+    ms = base["metrics"]
+    assert len(ms) == 3 * STEPS and all(np.isfinite(m["loss"]) for m in ms)
+    first, last = np.mean([m["reward"] for m in ms[:3]]), np.mean([m["reward"] for m in ms[-3:]])
+    assert last > first + 0.05, [round(m["reward"], 3) for m in ms]
+    cfg = make_cfg(assets, base["run_dir"])
+    start = loop.initial_params(cfg, base["result"].model_config, base["result"].mesh,
+                                tuple(map(tuple, loop.mesh_lib.DEFAULT_RULES)))
+    import jax
+    for (path, a), b in zip(jax.tree.leaves_with_path(start), jax.tree.leaves(base["result"].params)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0, jax.tree_util.keystr(path)
+    for k in ("reward", "reward_std", "rewards/e_fraction", "kl", "clip_ratio", "entropy", "completions/mean_length",
+              "completions/clipped_ratio", "frac_reward_zero_std", "grad_norm"):
+        assert k in ms[0], k
+    # mu = 1: ratio is exactly 1 at every update (old = detached current), so nothing is clipped; beta = 0: no KL
+    assert all(m["clip_ratio"] == 0 and m["kl"] == 0 for m in ms)
+
+
+def test_kl_to_the_reference_starts_at_zero(assets, tmp_path):
+    _, ms = run(assets, tmp_path, "grpo.beta=0.1")
+    assert ms[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert ms[-1]["kl"] > 1e-4
+
+
+def test_extra_fields_reach_the_reward_and_the_advantages(assets, tmp_path):
+    from jaxalign.data import pipeline, templates
+    from jaxalign.models import presets
+    from jaxalign.parallel import mesh as mesh_lib
+    from jaxalign.train import grpo
+
+    cfg = make_cfg(assets, tmp_path, "grpo.reward_funcs=tests.grpo_rewards:e_fraction,tests.grpo_rewards:answer_length",
+                   "grpo.reward_weights=1.0,0.5", "grpo.scale_rewards=none")
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
+    model_cfg = loop.model_config(cfg, tok)
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+    params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
+    from jaxalign import models
+    graphdef = models.abstract_params(model_cfg)[0]
+    ro = grpo.Rollout(cfg, model_cfg, graphdef, mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
+    host = next(pipeline.Batches(data, 4, shuffle=False))
+    out = ro(host, params, 0)
+    G = 4
+    lengths = np.repeat([len(e["answer"]) for e in host["extra"]], G)
+    np.testing.assert_allclose(out["metric/rewards/answer_length"], lengths)
+    texts = [tok.decode(ids[m > 0], skip_special_tokens=True) for ids, m in zip(out["input_ids"], out["completion_mask"])]
+    e = np.asarray([t.count("e") / max(len(t), 1) for t in texts])
+    total = e + 0.5 * lengths
+    np.testing.assert_allclose(out["metric/reward"], total, atol=1e-6)
+    # Dr. GRPO advantages: reward minus its group's mean (the answer term is constant within a group)
+    np.testing.assert_allclose(out["advantages"], (total.reshape(-1, G) - total.reshape(-1, G).mean(1, keepdims=True)).reshape(-1), atol=1e-5)
+    assert np.abs(out["advantages"]).max() > 0
+
+
+def test_unscorable_completions_get_zero_advantage(assets, tmp_path):
+    _, ms = run(assets, tmp_path, "train.steps=1", "grpo.reward_funcs=tests.grpo_rewards:unscorable")
+    assert ms[0]["reward"] == 0 and ms[0]["loss"] == 0
+
+
+@pytest.mark.parametrize("overrides", [("train.micro_batch_size=2",), ("mesh.shape=(2,2,2)",)])
+def test_accumulation_and_mesh_do_not_change_the_numbers(base, assets, tmp_path, overrides):
+    _, ms = run(assets, tmp_path, f"train.steps={STEPS}", *overrides)
+    for k in ("loss", "reward", "entropy"):
+        np.testing.assert_allclose([m[k] for m in ms], [m[k] for m in base["metrics"][:STEPS]], atol=2e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "dr_grpo"])
+def test_other_aggregations_are_invariant_to_accumulation(assets, tmp_path, aggregation):
+    _, a = run(assets, tmp_path / "a", "train.steps=3", f"grpo.aggregation={aggregation}")
+    _, b = run(assets, tmp_path / "b", "train.steps=3", f"grpo.aggregation={aggregation}", "train.micro_batch_size=1")
+    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], atol=2e-6)
+
+
+def test_resume_draws_the_same_generations(base, assets, tmp_path):
+    run(assets, tmp_path, "train.steps=3", "checkpoint.every=3")
+    _, ms = run(assets, tmp_path, f"train.steps={STEPS}", "checkpoint.every=3")  # resumes at 3
+    assert [m["step"] for m in ms] == list(range(1, STEPS + 1))
+    for k in ("loss", "reward", "completions/mean_length"):
+        np.testing.assert_allclose([m[k] for m in ms], [m[k] for m in base["metrics"][:STEPS]], atol=1e-5, err_msg=k)
+
+
+def test_num_iterations_reuses_generations(assets, tmp_path):
+    _, ms = run(assets, tmp_path, "train.steps=4", "grpo.num_iterations=2", "grpo.epsilon=0.01")
+    # the second step of a round trains on the same generations with their old log-probs: the ratio moved
+    assert ms[0]["reward"] == ms[1]["reward"] and ms[2]["reward"] == ms[3]["reward"]
+    assert ms[0]["clip_ratio"] == 0 and ms[1]["clip_ratio"] > 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (("grpo.reward_funcs=",), "reward_funcs is empty"),
+    (("grpo.reward_funcs=tests.grpo_rewards:nope",), "no function 'nope'"),
+    (("grpo.reward_funcs=no_such_module_xyz:f",), "cannot import"),
+    (("grpo.estimator=ppo",), "grpo.estimator"),
+    (("grpo.num_iterations=4",), "num_iterations"),
+    (("grpo.reward_weights=1,2",), "reward_weights"),
+])
+def test_bad_config_is_an_error(assets, tmp_path, overrides, match):
+    with pytest.raises(JaxalignError, match=match):
+        run(assets, tmp_path, *overrides)
