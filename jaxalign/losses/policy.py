@@ -55,7 +55,7 @@ def kl_penalty(logps, ref_logps, estimator: str = "k3"):
         return logps - ref_logps
     if estimator == "k3":
         d = ref_logps - logps
-        return jnp.exp(d) - d - 1.0
+        return jnp.expm1(d) - d  # expm1: no cancellation (a negative KL) when d is tiny
     raise ValueError(f"kl estimator {estimator!r}: expected k1 or k3")
 
 
@@ -135,7 +135,7 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
 def value_loss(values, old_values, returns, mask, *, clip: float = 0.2):
     """0.5 * masked mean of max((v - R)^2, (clip(v, v_old +- clip) - R)^2): (loss, clipfrac)."""
     mask = mask.astype(jnp.float32)
-    v_clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+    v_clipped = jnp.clip(values, old_values - clip, old_values + clip)
     a, b = (values - returns) ** 2, (v_clipped - returns) ** 2
     n = jnp.maximum(jnp.sum(mask), 1.0)
     return 0.5 * jnp.sum(jnp.maximum(a, b) * mask) / n, jnp.sum((b > a) * mask) / n
