@@ -578,3 +578,11 @@ def test_packed_loss_equals_sum_of_unpacked(assets):
     p = run(next(packed))
     u = np.sum([run(next(plain)) for _ in range(2)], axis=0)
     np.testing.assert_allclose(p, u, rtol=1e-5)
+
+
+def test_host_rows_counts_every_sequence_the_step_runs():
+    """The FLOPs/MFU numerator counts sequences: chosen + rejected for pairs, all generations for RL."""
+    from jaxalign.train.loop import host_rows
+    z = lambda n: np.zeros((n, 4), np.int32)
+    assert host_rows({"input_ids": z(8), "attention_mask": z(8), "weight": np.ones(8)}) == 8
+    assert host_rows({"chosen_input_ids": z(8), "rejected_input_ids": z(8), "margin": np.ones(8)}) == 16

@@ -291,7 +291,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
                 host = rollout(host, state["params"], step)
             T = host_len(host)
             tokens += real_tokens(host) * jax.process_count()
-            flops += metrics_lib.train_flops_per_token(model_cfg, T) * B * T
+            flops += metrics_lib.train_flops_per_token(model_cfg, T) * host_rows(host) * jax.process_count() * T
             with jax.set_mesh(mesh):
                 state, report = step_fn(state, device_batch(host, task, mesh, rules), aux)
             step += 1
@@ -333,6 +333,11 @@ def train(cfg, task: Task, log=print) -> RunResult:
 
 def host_len(host: dict) -> int:
     return max(v.shape[1] for k, v in host.items() if isinstance(v, np.ndarray) and k.endswith("input_ids"))
+
+
+def host_rows(host: dict) -> int:
+    """Sequences in a host batch (chosen + rejected for pairs, generations for RL)."""
+    return sum(v.shape[0] for k, v in host.items() if isinstance(v, np.ndarray) and k.endswith("input_ids"))
 
 
 def real_tokens(host: dict) -> int:
