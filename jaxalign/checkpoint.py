@@ -96,19 +96,23 @@ def latest_run_step(run_dir: str):
 
 
 def restore_run_params(run_dir: str, target: dict, step=None) -> dict:
-    """Params alone from a run's latest (or given) checkpoint, onto `target`'s shardings."""
+    """Params alone from a run's latest (or given) checkpoint, onto `target`'s shardings. A run that trained
+    several models (PPO's actor and critic) yields its policy, stored under "actor"."""
     step = latest_run_step(run_dir) if step is None else step
     if step is None:
         raise JaxalignError(f"{run_dir}: no checkpoints")
     path = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step), "state")
     ckptr = ocp.PyTreeCheckpointer()
     try:
-        stored = ckptr.metadata(path).item_metadata
-        check_tree(path, {"params": stored["params"]}, {"params": target})
+        stored = ckptr.metadata(path).item_metadata["params"]
+        nested = "actor" in stored and "actor" not in target
+        if nested:
+            stored, target = {"actor": stored["actor"]}, {"actor": target}
+        check_tree(path, {"params": stored}, {"params": target})
         restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
         out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item={"params": target},
                                                               restore_args={"params": restore_args},
                                                               partial_restore=True))
-        return out["params"]
+        return out["params"]["actor"] if nested else out["params"]
     finally:
         ckptr.close()

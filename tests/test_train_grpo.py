@@ -106,7 +106,7 @@ def test_extra_fields_reach_the_reward_and_the_advantages(assets, tmp_path):
     graphdef = models.abstract_params(model_cfg)[0]
     ro = grpo.Rollout(cfg, model_cfg, graphdef, mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
     host = next(pipeline.Batches(data, 4, shuffle=False))
-    out = ro(host, params, 0)
+    out = ro.rollout(host, params, 0)
     G = 4
     lengths = np.repeat([len(e["answer"]) for e in host["extra"]], G)
     np.testing.assert_allclose(out["metric/rewards/answer_length"], lengths)

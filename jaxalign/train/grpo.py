@@ -125,10 +125,20 @@ class Rollout:
             total += w * np.nan_to_num(r)
         return np.where(scored, total, np.nan), each
 
-    def __call__(self, host, params, step):
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict):
+        pass
+
+    def __call__(self, it, params, step):
         mu = self.cfg.grpo.num_iterations
         if self.cached is not None and step % mu:
             return self.cached
+        return self.rollout(next(it), params, step)
+
+    def rollout(self, host, params, step):
+        """Generations, rewards and advantages of one batch of prompts (the training batch)."""
         c = self.cfg.grpo
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
         ids, mask, tokens, lengths, stopped, texts = self.generate(host, params, self.sp, self.G, key)
@@ -153,7 +163,7 @@ class Rollout:
                      np.nan_to_num(rewards).reshape(-1, self.G).std(1) == 0, self.G).astype(np.float32)}
         for name, r in each.items():
             batch[f"{METRIC}rewards/{name}"] = np.nan_to_num(r).astype(np.float32)
-        if mu > 1:
+        if c.num_iterations > 1:
             dev = mesh_lib.shard_batch({k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")},
                                        self.mesh, self.rules)
             with jax.set_mesh(self.mesh):

@@ -50,9 +50,23 @@ class Task:
     # step, before the export (e.g. the reward model's normalisation statistics, stored in the config).
     finish: Optional[Callable] = None
     # make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log) -> a Rollout for online RL: called
-    # with (host batch of prompts, params, step) it returns the host batch to train on (generations, rewards,
-    # advantages), and its evaluate(params, data) replaces the loss-based eval.
+    # with (prompt iterator, params, step) it returns the host batch to train on (generations, rewards,
+    # advantages), pulling prompts when it needs them; evaluate(params, data) replaces the loss-based eval;
+    # state()/restore(d) carry its own state (e.g. an adaptive KL coefficient) through checkpoints.
     make_rollout: Optional[Callable] = None
+    # models(cfg, model_cfg) -> {name: (model_config, source)} for tasks that train several models at once
+    # (PPO: actor and critic). Params, graphdefs and the loss's model are then dicts by name; the first
+    # model is the policy (exported, and what a run directory loads as).
+    models: Optional[Callable] = None
+    # optimizer(cfg, total_steps, params_abstract) -> (tx, lr_fn) replacing the single AdamW (e.g. one per model).
+    optimizer: Optional[Callable] = None
+
+
+def merge(graphdef, params):
+    """The model (or, for multi-model tasks, {name: model}) a loss receives."""
+    if isinstance(graphdef, dict):
+        return {k: nnx.merge(g, params[k]) for k, g in graphdef.items()}
+    return nnx.merge(graphdef, params)
 
 
 def with_std(metrics: dict) -> dict:
@@ -77,7 +91,7 @@ def _split_micro(x, n):
 
 def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
     def loss_fn(params, batch, key, aux):
-        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, key, cfg, aux)
+        loss_sum, denom, mets = task.loss(merge(graphdef, params), batch, key, cfg, aux)
         return loss_sum, (denom, mets)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -120,14 +134,14 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
 def with_pre_step(task: Task, graphdef, params, batch, cfg, aux):
     if task.pre_step is None:
         return batch
-    extra = task.pre_step(nnx.merge(graphdef, params), batch, cfg, aux)
+    extra = task.pre_step(merge(graphdef, params), batch, cfg, aux)
     return {**batch, **jax.lax.stop_gradient(extra)}
 
 
 def make_eval_step(task: Task, graphdef, cfg):
     def step(params, batch, aux):
         batch = with_pre_step(task, graphdef, params, batch, cfg, aux)
-        loss_sum, denom, mets = task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0), cfg, aux)
+        loss_sum, denom, mets = task.loss(merge(graphdef, params), batch, jax.random.PRNGKey(0), cfg, aux)
         return {"loss": (loss_sum, denom), **mets}
     return step
 
@@ -240,29 +254,41 @@ def train(cfg, task: Task, log=print) -> RunResult:
     mb = cfg.train.micro_batch_size or B
     if B % mb:
         raise JaxalignError(f"train.batch_size {B} is not a multiple of train.micro_batch_size {mb}")
-    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, abs_state = models.abstract_params(model_cfg)
-    params_abs = nnx.to_pure_dict(abs_state)
-    params_sh = nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules))
+    specs = task.models(cfg, model_cfg) if task.models else None
+    if specs:
+        graphdef, params_abs, params_sh = {}, {}, {}
+        for name, (mc, _) in specs.items():
+            graphdef[name], params_abs[name], params_sh[name] = _abstract(mc, mesh, rules)
+        policy = next(iter(specs))
+    else:
+        graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
+    tx, lr_fn = (task.optimizer or (lambda c, n, _: make_optimizer(c.optim, n)))(cfg, cfg.train.steps, params_abs)
     shardings = state_lib.state_shardings(tx, params_abs, params_sh, mesh)
 
     ckpt = checkpoint.RunCheckpoints(cfg.run_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
     it = pipeline.Batches(train_data, B, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
                           buckets=cfg.data.buckets, process_index=jax.process_index(),
                           process_count=jax.process_count())
+    data_state = None
     if start is not None:
         state, data_state = ckpt.restore(start, state_lib.abstract_state(tx, params_abs, shardings))
         it.restore(data_state["iterator"])
     else:
         start = 0
         _write_run_files(cfg, model_cfg, tok_dir)
-        state = state_lib.init_state(tx, initial_params(cfg, model_cfg, mesh, rules), shardings, cfg.seed)
+        if specs:
+            params = {k: initial_params(cfg, mc, mesh, rules, source=src) for k, (mc, src) in specs.items()}
+        else:
+            params = initial_params(cfg, model_cfg, mesh, rules)
+        state = state_lib.init_state(tx, params, shardings, cfg.seed)
 
     aux = task.setup(cfg, model_cfg, graphdef, mesh, rules, [d for d in (train_data, eval_data) if d],
                      log) if task.setup else None
     step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb),
                       out_shardings=(shardings, None), donate_argnums=0)
     rollout = task.make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log) if task.make_rollout else None
+    if rollout is not None and data_state is not None and "rollout" in data_state:
+        rollout.restore(data_state["rollout"])
     eval_fn = jax.jit(make_eval_step(task, graphdef, cfg))
 
     def run_eval(params):
@@ -286,9 +312,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
         log("before training: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
     try:
         while step < cfg.train.steps:
-            host = next(it)
-            if rollout is not None:
-                host = rollout(host, state["params"], step)
+            host = next(it) if rollout is None else rollout(it, state["params"], step)
             T = host_len(host)
             tokens += real_tokens(host) * jax.process_count()
             flops += metrics_lib.train_flops_per_token(model_cfg, T) * host_rows(host) * jax.process_count() * T
@@ -318,7 +342,8 @@ def train(cfg, task: Task, log=print) -> RunResult:
                 writer.write(step, eval_metrics)
                 log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
-                ckpt.save(step, state, {"iterator": it.state(), "step": step})
+                extra = {"rollout": rollout.state()} if rollout is not None else {}
+                ckpt.save(step, state, {"iterator": it.state(), "step": step, **extra})
     finally:
         bar.close()
         ckpt.close()
@@ -327,12 +352,20 @@ def train(cfg, task: Task, log=print) -> RunResult:
         model_cfg = task.finish(cfg, model_cfg, graphdef, state["params"], [train_data, eval_data], mesh, rules, log)
         _write_run_files(cfg, model_cfg, tok_dir)
     if cfg.checkpoint.export_hf and step == cfg.train.steps:
-        export_hf(cfg.run_dir, model_cfg, graphdef, state["params"], mesh, rules)
+        export_hf(cfg.run_dir, model_cfg, graphdef[policy] if specs else graphdef,
+                  state["params"][policy] if specs else state["params"], mesh, rules)
     return RunResult(cfg.run_dir, step, last, eval_metrics, state["params"], model_cfg, graphdef, mesh)
 
 
 def host_len(host: dict) -> int:
     return max(v.shape[1] for k, v in host.items() if isinstance(v, np.ndarray) and k.endswith("input_ids"))
+
+
+def _abstract(model_cfg, mesh, rules):
+    """(graphdef, abstract params, param shardings) of one model, as pure dicts."""
+    graphdef, abs_state = models.abstract_params(model_cfg)
+    return (graphdef, nnx.to_pure_dict(abs_state),
+            nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules)))
 
 
 def host_rows(host: dict) -> int:
