@@ -66,30 +66,25 @@ def grpo_loss(model, batch, rng, cfg, aux):
     return total, denom, metrics
 
 
-class Rollout:
-    """Generation, scoring and advantages on the host side of each step (Task.make_rollout)."""
+class Generator:
+    """The sampler over a policy's live params on the host side of a step: prompts in, sequences out."""
 
-    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
-        check_config(cfg)
-        c = cfg.grpo
-        self.cfg, self.graphdef, self.mesh, self.rules, self.tok, self.log = cfg, graphdef, mesh, rules, tokenizer, log
-        self.funcs = load_reward_funcs(c.reward_funcs, c.reward_weights)
-        self.G = c.num_generations
+    def __init__(self, section, model_cfg, graphdef, mesh, rules, tokenizer):
+        self.graphdef, self.mesh, self.rules, self.tok = graphdef, mesh, rules, tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        stops = sampling.stop_ids(model_cfg, None, (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None
-                                  else ())
-        self.sp = sampling.SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature,
-                                          stop_token_ids=stops, pad_token_id=pad)
-        self.eval_sp = sampling.SamplingParams(max_new_tokens=c.max_completion_length,
-                                               temperature=c.eval_temperature, stop_token_ids=stops,
-                                               pad_token_id=pad)
-        self.cached = None
-        self._old_logps = jax.jit(lambda params, batch: completion_logprobs(
-            nnx.merge(graphdef, params), batch, cfg, with_stats=False, temperature=c.temperature)[0])
+        eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+        stops = sampling.stop_ids(model_cfg, None, eos)
+        self.sp, self.eval_sp = (sampling.SamplingParams(max_new_tokens=section.max_completion_length,
+                                                         temperature=t, stop_token_ids=stops, pad_token_id=pad)
+                                 for t in (section.temperature, section.eval_temperature))
 
-    # ---- generation and scoring
+    def local(self, x, n):
+        """This process's n rows of a global array, on the host."""
+        rank = jax.process_index()
+        return mesh_lib.to_host(x)[rank * n:(rank + 1) * n]
+
     def generate(self, host, params, sp, G, key):
-        """Completions of each prompt row repeated G times: (tokens [n, N], lengths, stopped, texts)."""
+        """Completions of each prompt row repeated G times: (ids, mask, tokens [n, N], lengths, stopped, texts)."""
         ids = np.repeat(host["input_ids"], G, axis=0)
         mask = np.repeat(host["attention_mask"], G, axis=0).astype(bool)
         index = np.maximum(np.asarray(host["index"]), 0)
@@ -98,13 +93,38 @@ class Rollout:
         with jax.set_mesh(self.mesh):
             out = sampling.sample(self.graphdef, params, batch["ids"], batch["mask"], key, batch["rows"], sp,
                                   self.rules)
-        n, rank = len(ids), jax.process_index()
-        local = lambda x: mesh_lib.to_host(x)[rank * n:(rank + 1) * n]
-        tokens, lengths, stopped = local(out.tokens), local(out.lengths), local(out.stopped_on_eos)
+        n = len(ids)
+        tokens, lengths, stopped = (self.local(x, n) for x in (out.tokens, out.lengths, out.stopped_on_eos))
         texts = [self.tok.decode(t[:k - int(s)], skip_special_tokens=True)
                  for t, k, s in zip(tokens, lengths, stopped)]
         return ids, mask, tokens, lengths, stopped, texts
 
+    @staticmethod
+    def sequences(ids, mask, tokens, lengths, stopped, mask_truncated: bool) -> dict:
+        """Training rows: the left-padded prompt, then the completion (stop token included), pad after.
+        The completion mask leaves out completions cut by max_new_tokens when `mask_truncated`."""
+        N = tokens.shape[1]
+        gen_mask = np.arange(N)[None] < lengths[:, None]
+        comp_mask = gen_mask & (stopped[:, None] | (not mask_truncated))
+        return {"input_ids": np.concatenate([ids, tokens], 1).astype(np.int32),
+                "attention_mask": np.concatenate([mask, gen_mask], 1).astype(np.int32),
+                "completion_mask": np.concatenate([np.zeros_like(mask), comp_mask], 1).astype(np.int32)}
+
+
+class Rollout(Generator):
+    """Generation, scoring and advantages on the host side of each step (Task.make_rollout)."""
+
+    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
+        check_config(cfg)
+        super().__init__(cfg.grpo, model_cfg, graphdef, mesh, rules, tokenizer)
+        self.cfg, self.log = cfg, log
+        self.funcs = load_reward_funcs(cfg.grpo.reward_funcs, cfg.grpo.reward_weights)
+        self.G = cfg.grpo.num_generations
+        self.cached = None
+        self._old_logps = jax.jit(lambda params, batch: completion_logprobs(
+            nnx.merge(graphdef, params), batch, cfg, with_stats=False, temperature=cfg.grpo.temperature)[0])
+
+    # ---- scoring
     def score(self, host, texts, G):
         """Weighted reward sum [n] (NaN where no function could score) and each function's rewards. Padding
         rows (weight 0: the end of an eval set) are not shown to the reward functions."""
@@ -147,13 +167,8 @@ class Rollout:
         adv = np.asarray(P.group_advantages(np.nan_to_num(rewards), self.G, scale=c.scale_rewards,
                                             estimator=c.estimator))
         adv = np.where(ok, adv, 0.0)
-        N = tokens.shape[1]
-        gen_mask = np.arange(N)[None] < lengths[:, None]
-        comp_mask = gen_mask & (stopped[:, None] | (not c.mask_truncated_completions))
         weight = np.repeat(host["weight"], self.G).astype(np.float32)
-        batch = {"input_ids": np.concatenate([ids, tokens], 1).astype(np.int32),
-                 "attention_mask": np.concatenate([mask, gen_mask], 1).astype(np.int32),
-                 "completion_mask": np.concatenate([np.zeros_like(mask), comp_mask], 1).astype(np.int32),
+        batch = {**self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions),
                  "advantages": adv.astype(np.float32), "weight": weight,
                  METRIC + "reward": np.nan_to_num(rewards).astype(np.float32),
                  METRIC + "reward_sq": (np.nan_to_num(rewards) ** 2).astype(np.float32),
@@ -168,8 +183,7 @@ class Rollout:
                                        self.mesh, self.rules)
             with jax.set_mesh(self.mesh):
                 old = self._old_logps(params, dev)
-            n, rank = len(ids), jax.process_index()
-            batch["old_logps"] = mesh_lib.to_host(old)[rank * n:(rank + 1) * n]
+            batch["old_logps"] = self.local(old, len(ids))
         self.cached = batch
         return batch
 
