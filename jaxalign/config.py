@@ -48,6 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
                   epsilon=0.2, epsilon_high=0.0, estimator="grpo", scale_rewards="group",
                   aggregation="token_mean", num_iterations=1, reward_funcs="", reward_weights="", ref_path="",
                   mask_truncated_completions=False, eval_temperature=0.0)
+    # PPO with a critic (TRL PPOConfig / OpenRLHF / ColossalChat names). train.batch_size counts prompts per
+    # collect step; an episode collects num_collect_steps batches, then trains ppo_epochs passes over them.
+    c.ppo = dict(reward_model="", critic_path="", ref_path="", critic_lr=0.0, max_completion_length=256,
+                 temperature=1.0, kl_coef=0.05, kl_estimator="k1", adaptive_kl=False, kl_target=6.0,
+                 kl_horizon=10000, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, vf_coef=0.1,
+                 reward_clip=10.0, missing_eos_penalty=0.0, whiten_advantages=True, num_collect_steps=1,
+                 ppo_epochs=1, mask_truncated_completions=False, eval_temperature=0.0)
     return c
 
 

@@ -3,7 +3,8 @@
 TASKS = {"sft": ("jaxalign.train.sft", "TASK"), "rm": ("jaxalign.train.reward", "TASK"),
          "dpo": ("jaxalign.train.preference", "DPO"), "simpo": ("jaxalign.train.preference", "SIMPO"),
          "cpo": ("jaxalign.train.preference", "CPO"), "orpo": ("jaxalign.train.preference", "ORPO"),
-         "kto": ("jaxalign.train.preference", "KTO"), "grpo": ("jaxalign.train.grpo", "TASK")}
+         "kto": ("jaxalign.train.preference", "KTO"), "grpo": ("jaxalign.train.grpo", "TASK"),
+         "ppo": ("jaxalign.train.ppo", "TASK")}
 
 
 def get_task(name: str):

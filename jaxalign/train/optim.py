@@ -1,6 +1,8 @@
 """AdamW with warmup + cosine/linear/constant decay, global-norm clipping, and weight decay that skips
 norm scales and biases (as TRL/HF). Parameters stay in their own dtype (fp32 master weights by default);
 compute dtype is a model setting."""
+from typing import Callable, NamedTuple
+
 import jax
 import optax
 
@@ -40,3 +42,22 @@ def make_optimizer(cfg_optim, total_steps: int):
     parts.append(optax.adamw(lr, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
                              weight_decay=cfg_optim.weight_decay, mask=decay_mask))
     return optax.chain(*parts), lr
+
+
+class PerModel(NamedTuple):
+    """One optimizer per model of a {name: params} tree (PPO's actor and critic), each clipping on its own.
+    (Not optax.multi_transform: its masked inner states do not map onto parameter shardings.)"""
+    init: Callable
+    update: Callable
+    txs: dict
+
+
+def per_model(txs: dict) -> PerModel:
+    def init(params):
+        return {k: tx.init(params[k]) for k, tx in txs.items()}
+
+    def update(updates, state, params=None):
+        out = {k: tx.update(updates[k], state[k], None if params is None else params[k]) for k, tx in txs.items()}
+        return {k: u for k, (u, _) in out.items()}, {k: s for k, (_, s) in out.items()}
+
+    return PerModel(init, update, txs)

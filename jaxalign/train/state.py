@@ -7,12 +7,20 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.parallel.mesh import abstract_with_shardings, replicated
+from jaxalign.train.optim import PerModel
+
+
+def opt_state_shardings(tx, params_abstract, params_shardings, mesh):
+    """Optimizer-state shardings that follow the parameters' (moments sharded like their weights)."""
+    if isinstance(tx, PerModel):
+        return {k: opt_state_shardings(t, params_abstract[k], params_shardings[k], mesh) for k, t in tx.txs.items()}
+    opt_abstract = jax.eval_shape(tx.init, params_abstract)
+    return optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
 
 
 def state_shardings(tx, params_abstract, params_shardings, mesh):
-    opt_abstract = jax.eval_shape(tx.init, params_abstract)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_shardings,
-                                          transform_non_params=lambda _: replicated(mesh))
+    opt_shardings = opt_state_shardings(tx, params_abstract, params_shardings, mesh)
     return {"step": replicated(mesh), "params": params_shardings, "opt_state": opt_shardings,
             "rng": replicated(mesh)}
 

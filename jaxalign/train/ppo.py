@@ -1,0 +1,223 @@
+"""PPO with a critic (`task="ppo"`), ColossalChat / OpenRLHF style, on the generic loop.
+
+Models: the actor (the policy, trained), the critic (trained: a scalar head on a decoder, initialised from
+`ppo.critic_path`, default the reward model), the frozen reference (the starting policy or `ppo.ref_path`)
+and the frozen reward model (`ppo.reward_model`: a jaxalign RM run/dir or an HF *ForSequenceClassification
+directory; its stored normalisation, if any, is applied). Actor and critic live in one train state as
+{"actor", "critic"} with one AdamW each (`ppo.critic_lr`, default optim.lr), clipped separately.
+
+An episode: num_collect_steps batches of train.batch_size prompts are sampled with the live actor params;
+for each, one jitted pass gives the actor's old log-probs (temperature-scaled), the reference log-probs,
+the critic's values and the reward model's score. Per action token t (the token at t + 1):
+    r_t = -kl_coef * kl_t  (+ the clipped score - missing-EOS penalty at the LAST REAL COMPLETION TOKEN)
+as OpenRLHF (TRL puts the score one past it); kl is k1 (log pi_old - log pi_ref) or k3. GAE(gamma, lambda)
+gives advantages and returns (returns before whitening), advantages are then whitened over the episode
+batch's action tokens. The next ppo_epochs * num_collect_steps steps each train on one collected batch:
+clipped surrogate + vf_coef * clipped value loss (around the old values). Checkpoints fall on episode
+boundaries; the adaptive KL coefficient (`ppo.adaptive_kl`, Ziegler et al.) is saved with them.
+"""
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import JaxalignError, models
+from jaxalign.losses import policy as P
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train.grpo import METRIC, Generator
+from jaxalign.train.loop import Task, initial_params
+from jaxalign.train.optim import make_optimizer, per_model
+from jaxalign.train.sft import completion_logprobs
+
+
+def episode_steps(cfg) -> int:
+    return cfg.ppo.num_collect_steps * cfg.ppo.ppo_epochs
+
+
+def check_config(cfg):
+    c = cfg.ppo
+    if not c.reward_model:
+        raise JaxalignError("ppo.reward_model is not set (a jaxalign reward-model run or an HF "
+                            "*ForSequenceClassification directory)")
+    if c.kl_estimator not in ("k1", "k3"):
+        raise JaxalignError(f"ppo.kl_estimator={c.kl_estimator!r}: expected k1 or k3")
+    if c.temperature <= 0:
+        raise JaxalignError("ppo.temperature must be > 0 (the policy gradient needs samples)")
+    n = episode_steps(cfg)
+    if n < 1 or cfg.train.steps % n or (cfg.checkpoint.every and cfg.checkpoint.every % n):
+        raise JaxalignError(f"an episode is num_collect_steps x ppo_epochs = {n} steps: train.steps and "
+                            "checkpoint.every must be multiples of it (checkpoints fall between episodes)")
+
+
+def last_index(mask):
+    """Index of each row's last nonzero entry ([B]; 0 for an empty row)."""
+    T = mask.shape[-1]
+    flipped = jnp.argmax(jnp.asarray(mask)[..., ::-1] > 0, axis=-1)
+    return jnp.where(jnp.any(mask > 0, axis=-1), T - 1 - flipped, 0)
+
+
+def shape_rewards(kl, score, action_mask, kl_coef: float):
+    """Per-action-token rewards [B, T]: -kl_coef * kl on every action token, plus the sequence score on the
+    last real completion token (OpenRLHF's placement). Rows without action tokens get nothing."""
+    action_mask = jnp.asarray(action_mask, jnp.float32)
+    r = -kl_coef * kl * action_mask
+    last = last_index(action_mask)
+    has = jnp.any(action_mask > 0, axis=-1)
+    return r.at[jnp.arange(r.shape[0]), last].add(jnp.where(has, score, 0.0))
+
+
+def ppo_models(cfg, model_cfg):
+    check_config(cfg)
+    source = cfg.ppo.critic_path or cfg.ppo.reward_model
+    critic = models.load_config(source, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+    if critic.vocab_size != model_cfg.vocab_size:
+        raise JaxalignError(f"{source}: the critic's vocabulary ({critic.vocab_size}) differs from the "
+                            f"policy's ({model_cfg.vocab_size}); they must share a tokenizer")
+    critic = critic.replace(lm_head=False, num_labels=1, remat=model_cfg.remat, reward_mean=0.0, reward_std=1.0)
+    return {"actor": (model_cfg, None), "critic": (critic, source)}
+
+
+def ppo_optimizer(cfg, total_steps, params_abstract):
+    actor, lr_fn = make_optimizer(cfg.optim, total_steps)
+    critic_optim = types.SimpleNamespace(**{**cfg.optim.to_dict(), "lr": cfg.ppo.critic_lr or cfg.optim.lr})
+    critic, _ = make_optimizer(critic_optim, total_steps)
+    return per_model({"actor": actor, "critic": critic}), lr_fn
+
+
+def ppo_loss(model, batch, rng, cfg, aux):
+    c = cfg.ppo
+    actor, critic = model["actor"], model["critic"]
+    logp, stats, mask = completion_logprobs(actor, batch, cfg, temperature=c.temperature)
+    pg, clipped, _ = P.policy_loss_terms(logp, batch["old_logps"], batch["advantages"], clip_eps=c.clip_eps)
+    values = critic.scores(critic.hidden_states(batch["input_ids"], batch["attention_mask"]))[:, :-1]
+    old_v, ret = batch["old_values"], batch["returns"]
+    v_clipped = jnp.clip(values, old_v - c.value_clip, old_v + c.value_clip)
+    a, b = (values - ret) ** 2, (v_clipped - ret) ** 2
+    vf = 0.5 * jnp.maximum(a, b)
+    tokens = jnp.sum(mask)
+    w = batch["weight"]
+    metrics = {"policy_loss": (jnp.sum(pg * mask), tokens), "value_loss": (jnp.sum(vf * mask), tokens),
+               "clip_ratio": (jnp.sum(clipped * mask), tokens),
+               "value_clipfrac": (jnp.sum((b > a) * mask), tokens),
+               "approx_kl": (jnp.sum(0.5 * (logp - batch["old_logps"]) ** 2 * mask), tokens),
+               "entropy": (jnp.sum(stats["entropy"] * mask), tokens)}
+    metrics.update({k[len(METRIC):]: (jnp.sum(v * w), jnp.sum(w)) for k, v in batch.items() if k.startswith(METRIC)})
+    return jnp.sum(pg * mask) + c.vf_coef * jnp.sum(vf * mask), tokens, metrics
+
+
+class Rollout(Generator):
+    """Experience collection: generations, old/reference log-probs, values, scores, GAE (Task.make_rollout)."""
+
+    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
+        c = cfg.ppo
+        super().__init__(c, model_cfg, graphdef["actor"], mesh, rules, tokenizer)
+        self.cfg, self.log, self.kl_coef, self.buffer = cfg, log, float(c.kl_coef), []
+        rm_cfg = models.load_config(c.reward_model, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+        if not rm_cfg.num_labels:
+            raise JaxalignError(f"ppo.reward_model {c.reward_model}: not a reward model (no scalar head)")
+        self.rm_params = initial_params(cfg, rm_cfg, mesh, rules, source=c.reward_model)
+        self.ref_params = initial_params(cfg, model_cfg, mesh, rules, source=c.ref_path or None)
+        rm_graphdef = models.abstract_params(rm_cfg)[0]
+        actor_g, critic_g, T = graphdef["actor"], graphdef["critic"], c.temperature
+
+        def experience(actor, critic, ref, rm, batch):
+            ids, attn = batch["input_ids"], batch["attention_mask"]
+            old = completion_logprobs(nnx.merge(actor_g, actor), batch, cfg, with_stats=False, temperature=T)[0]
+            ref_lp = completion_logprobs(nnx.merge(actor_g, ref), batch, cfg, with_stats=False, temperature=T)[0]
+            crit = nnx.merge(critic_g, critic)
+            values = crit.scores(crit.hidden_states(ids, attn))[:, :-1]
+            rmodel = nnx.merge(rm_graphdef, rm)
+            scores = rmodel.scores(rmodel.hidden_states(ids, attn))
+            score = jnp.take_along_axis(scores, last_index(attn)[:, None], axis=1)[:, 0]
+            return old, ref_lp, values, (score - rm_cfg.reward_mean) / rm_cfg.reward_std
+
+        self._experience = jax.jit(experience)
+
+    def state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
+
+    def restore(self, state: dict):
+        self.kl_coef = float(state["kl_coef"])
+
+    def __call__(self, it, params, step):
+        c = self.cfg.ppo
+        k = step % episode_steps(self.cfg)
+        if k == 0:
+            self.buffer = [self.collect(next(it), params, step + i) for i in range(c.num_collect_steps)]
+            self.whiten()
+            if c.adaptive_kl:  # Ziegler et al.: move beta towards the KL target, proportionally, +-20 %
+                kl = float(np.mean([b[METRIC + "kl"] for b in self.buffer]))
+                err = np.clip(kl / c.kl_target - 1.0, -0.2, 0.2)
+                self.kl_coef *= 1.0 + err * len(self.buffer) * self.cfg.train.batch_size / c.kl_horizon
+        return self.buffer[k % c.num_collect_steps]
+
+    def collect(self, host, params, step) -> dict:
+        c = self.cfg.ppo
+        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
+        ids, mask, tokens, lengths, stopped, _ = self.generate(host, params["actor"], self.sp, 1, key)
+        rows = self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions)
+        dev = mesh_lib.shard_batch(rows, self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            out = self._experience(params["actor"], params["critic"], self.ref_params, self.rm_params, dev)
+        n = len(ids)
+        old, ref, values, score = (self.local(x, n) for x in out)
+        action = rows["completion_mask"][:, 1:].astype(np.float32)
+        kl = np.asarray(P.kl_penalty(jnp.asarray(old), jnp.asarray(ref), c.kl_estimator)) * action
+        score = np.clip(score, -c.reward_clip, c.reward_clip) - c.missing_eos_penalty * (~stopped)
+        rewards = shape_rewards(jnp.asarray(kl), jnp.asarray(score, jnp.float32), action, self.kl_coef)
+        adv, ret = P.gae(rewards, jnp.asarray(values), action, gamma=c.gamma, lam=c.lam)
+        w = np.asarray(host["weight"], np.float32)
+        kl_seq = kl.sum(1)
+        resid, var = (np.asarray(ret) - values)[action > 0], np.asarray(ret)[action > 0].var()
+        return {**rows, "old_logps": old, "old_values": values * action, "advantages": np.asarray(adv),
+                "returns": np.asarray(ret), "weight": w, "action_mask": action,
+                METRIC + "score": score.astype(np.float32),
+                METRIC + "reward": (score - self.kl_coef * kl_seq).astype(np.float32),
+                METRIC + "kl": kl_seq.astype(np.float32),
+                METRIC + "kl_coef": np.full(n, self.kl_coef, np.float32),
+                METRIC + "explained_variance": np.full(n, 1.0 - resid.var() / max(var, 1e-8), np.float32),
+                METRIC + "completions/mean_length": lengths.astype(np.float32),
+                METRIC + "completions/clipped_ratio": (~stopped).astype(np.float32)}
+
+    def whiten(self):
+        """Advantages whitened over every action token of the episode (returns were taken before)."""
+        if not self.cfg.ppo.whiten_advantages:
+            return
+        adv = np.concatenate([b["advantages"].ravel() for b in self.buffer])
+        m = np.concatenate([b["action_mask"].ravel() for b in self.buffer])
+        white = np.asarray(P.whiten(jnp.asarray(adv), jnp.asarray(m)))
+        at = 0
+        for b in self.buffer:
+            size = b["advantages"].size
+            b["advantages"] = (white[at:at + size].reshape(b["advantages"].shape) * b["action_mask"]).astype(np.float32)
+            at += size
+
+    def evaluate(self, params, data) -> dict:
+        """Reward-model score of one completion per held-out prompt (greedy by default)."""
+        from jaxalign.data.pipeline import Batches
+        it = Batches(data, self.cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
+                     buckets=self.cfg.data.buckets, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+        sums, n = {}, 0.0
+        for i, host in enumerate(it):
+            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+                break
+            ids, mask, tokens, lengths, stopped, _ = self.generate(host, params["actor"], self.eval_sp, 1,
+                                                                   jax.random.PRNGKey(self.cfg.seed + 1))
+            rows = self.sequences(ids, mask, tokens, lengths, stopped, False)
+            dev = mesh_lib.shard_batch(rows, self.mesh, self.rules)
+            with jax.set_mesh(self.mesh):
+                score = self._experience(params["actor"], params["critic"], self.ref_params, self.rm_params, dev)[3]
+            w = np.asarray(host["weight"], np.float64)
+            for k, v in (("score", self.local(score, len(ids))), ("completions/mean_length", lengths)):
+                sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64) * w))
+            n += float(w.sum())
+        return {f"eval/{k}": v / max(n, 1e-9) for k, v in sums.items()}
+
+
+TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer,
+            batch_keys=None,
+            make_rollout=lambda cfg, model_cfg, graphdef, mesh, rules, tok, log: Rollout(
+                cfg, model_cfg, graphdef, mesh, rules, tok, log))

@@ -1,0 +1,158 @@
+"""PPO with a critic (jaxalign/train/ppo.py) end to end on tiny from-scratch models: a reward model is
+trained first (a few steps) and serves as the frozen reward model and the critic's start. One episode
+moves every actor and critic parameter; the first update has ratio 1 and zero KL to the reference; the
+score lands on the last real completion token; a jaxalign RM run and its HF export score alike; a resumed
+run continues the same episodes; a PPO run directory loads as its policy."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import JaxalignError, models
+from jaxalign.config import apply_overrides, base_config
+from jaxalign.train import get_task, loop
+from jaxalign.train.loop import read_metrics, train
+from jaxalign.train.ppo import last_index, shape_rewards
+from tests.tokenizers_util import make_tokenizer, write_jsonl
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo-assets")
+    words = ["Hello there", "Name a color.", "Yes?", "Sort the list 3 1 2", "What is two plus two?", "Thanks!",
+             "The quick brown fox", "Maybe."]
+    prompts = [{"prompt": w} for w in words * 4]
+    pairs = [{"prompt": w, "chosen": "Yes.", "rejected": "No."} for w in words * 2]
+    out = {"tokenizer": make_tokenizer(str(d / "tokenizer")), "prompts": write_jsonl(d / "p.jsonl", prompts),
+           "pairs": write_jsonl(d / "pairs.jsonl", pairs), "cache": str(d / "cache")}
+    rm = base(out, d / "rm", "rm")
+    rm.data.train_files = out["pairs"]
+    rm.train.steps = 3
+    rm.checkpoint.export_hf = True
+    train(rm, get_task("rm"), log=quiet)
+    out["rm"] = str(d / "rm")
+    return out
+
+
+def quiet(*_):
+    pass
+
+
+def base(assets, run_dir, task):
+    c = base_config()
+    c.task = task
+    c.run_dir = str(run_dir)
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.tokenizer.path = assets["tokenizer"]
+    c.data.max_length = 32
+    c.data.cache_dir = assets["cache"]
+    c.optim.lr = 1e-2
+    c.optim.schedule = "constant"
+    c.train.batch_size = 4
+    c.train.log_every = 1
+    c.train.progress = False
+    c.checkpoint.async_save = False
+    return c
+
+
+def make_cfg(assets, run_dir, *overrides):
+    c = base(assets, run_dir, "ppo")
+    c.data.train_files = assets["prompts"]
+    c.train.steps = STEPS
+    c.ppo.reward_model = assets["rm"]
+    c.ppo.max_completion_length = 8
+    return apply_overrides(c, overrides)
+
+
+def run(assets, run_dir, *overrides):
+    result = train(make_cfg(assets, run_dir, *overrides), get_task("ppo"), log=quiet)
+    return result, [m for m in read_metrics(str(run_dir)) if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo-run")
+    result, ms = run(assets, d, "ppo.num_collect_steps=2", "ppo.ppo_epochs=2")
+    return {"result": result, "metrics": ms, "run_dir": str(d)}
+
+
+def test_shape_rewards_puts_the_score_on_the_last_real_completion_token():
+    # two rows: a left-padded prompt (action tokens 3..5) and one whose completion hits max length (2..6)
+    action = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]], np.float32)
+    kl = np.arange(14, dtype=np.float32).reshape(2, 7) / 10
+    score = np.array([2.0, -1.0], np.float32)
+    r = np.asarray(shape_rewards(jnp.asarray(kl), jnp.asarray(score), action, 0.1))
+    want = -0.1 * kl * action
+    want[0, 5] += 2.0
+    want[1, 6] += -1.0
+    np.testing.assert_allclose(r, want, atol=1e-6)
+    assert list(np.asarray(last_index(action))) == [5, 6]
+    empty = np.asarray(shape_rewards(jnp.zeros((1, 3)), jnp.asarray([5.0]), np.zeros((1, 3)), 0.1))
+    assert not empty.any()  # no action token: the score has nowhere to land
+
+
+def test_one_episode_moves_actor_and_critic(reference, assets):
+    result, ms = reference["result"], reference["metrics"]
+    assert len(ms) == STEPS and all(np.isfinite(m["loss"]) for m in ms)
+    cfg = make_cfg(assets, reference["run_dir"])
+    specs = get_task("ppo").models(cfg, result.model_config)
+    for name, (mc, src) in specs.items():
+        start = loop.initial_params(cfg, mc, result.mesh, loop.mesh_lib.DEFAULT_RULES, source=src)
+        for (path, a), b in zip(jax.tree.leaves_with_path(start), jax.tree.leaves(result.params[name])):
+            assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0, (name, jax.tree_util.keystr(path))
+    for k in ("policy_loss", "value_loss", "clip_ratio", "approx_kl", "entropy", "score", "reward", "kl",
+              "kl_coef", "explained_variance", "completions/mean_length", "value_clipfrac"):
+        assert k in ms[0], k
+
+
+def test_first_update_has_ratio_one_and_no_kl(reference):
+    m = reference["metrics"][0]
+    assert m["clip_ratio"] == 0 and m["approx_kl"] == pytest.approx(0.0, abs=1e-10)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-5)  # the actor is the reference before its first update
+    assert m["reward"] == pytest.approx(m["score"], abs=1e-5)
+    # the second epoch over the same episode data sees the moved policy: its ratio is no longer 1
+    assert reference["metrics"][2]["approx_kl"] > 0
+
+
+def test_episode_reuses_its_collected_batches(reference):
+    ms = reference["metrics"]  # 2 collect batches x 2 epochs: steps 1, 3 and 2, 4 train on the same batch
+    assert ms[0]["score"] == ms[2]["score"] and ms[1]["score"] == ms[3]["score"]
+
+
+def test_hf_reward_model_scores_like_the_run(assets, reference, tmp_path):
+    _, ms = run(assets, tmp_path, "ppo.num_collect_steps=2", "ppo.ppo_epochs=2",
+                f"ppo.reward_model={os.path.join(assets['rm'], 'hf')}", f"ppo.critic_path={assets['rm']}")
+    np.testing.assert_allclose([m["score"] for m in ms], [m["score"] for m in reference["metrics"]], atol=1e-4)
+
+
+def test_resume_continues_the_same_episodes(reference, assets, tmp_path):
+    common = ("ppo.num_collect_steps=2", "ppo.ppo_epochs=2", "checkpoint.every=4")
+    run(assets, tmp_path, *common, "train.steps=4")
+    _, ms = run(assets, tmp_path, *common, "train.steps=8")
+    assert [m["step"] for m in ms] == list(range(1, 9))
+    _, full = run(assets, tmp_path / "whole", *common, "train.steps=8")
+    for k in ("loss", "score", "value_loss"):
+        np.testing.assert_allclose([m[k] for m in ms], [m[k] for m in full], atol=1e-5, err_msg=k)
+
+
+def test_run_directory_loads_as_the_policy(reference):
+    lm = models.from_pretrained(reference["run_dir"])
+    assert lm.config.lm_head and not lm.config.num_labels
+    got = jax.tree.leaves(lm.pure_params())
+    want = jax.tree.leaves(reference["result"].params["actor"])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (("ppo.reward_model=",), "ppo.reward_model is not set"),
+    (("ppo.kl_estimator=k2",), "kl_estimator"),
+    (("ppo.num_collect_steps=3",), "multiples"),
+])
+def test_bad_config_is_an_error(assets, tmp_path, overrides, match):
+    with pytest.raises(JaxalignError, match=match):
+        run(assets, tmp_path, *overrides)
