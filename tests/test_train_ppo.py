@@ -27,8 +27,10 @@ def assets(tmp_path_factory):
              "The quick brown fox", "Maybe."]
     prompts = [{"prompt": w} for w in words * 4]
     pairs = [{"prompt": w, "chosen": "Yes.", "rejected": "No."} for w in words * 2]
+    sft = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "Thanks!"}]} for w in words]
     out = {"tokenizer": make_tokenizer(str(d / "tokenizer")), "prompts": write_jsonl(d / "p.jsonl", prompts),
-           "pairs": write_jsonl(d / "pairs.jsonl", pairs), "cache": str(d / "cache")}
+           "pairs": write_jsonl(d / "pairs.jsonl", pairs), "sft": write_jsonl(d / "sft.jsonl", sft),
+           "cache": str(d / "cache")}
     rm = base(out, d / "rm", "rm")
     rm.data.train_files = out["pairs"]
     rm.train.steps = 3
@@ -146,6 +148,19 @@ def test_run_directory_loads_as_the_policy(reference):
     got = jax.tree.leaves(lm.pure_params())
     want = jax.tree.leaves(reference["result"].params["actor"])
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want))
+
+
+def test_ptx_term_is_exact_under_accumulation(assets, tmp_path):
+    """ptx adds ptx_coef x the SFT token mean: the rescaling by global token counts (pre_step) makes the loss
+    the same for any micro-batch split."""
+    ptx = (f"ppo.ptx_files={assets['sft']}", "ppo.ptx_coef=0.5", "train.steps=2")
+    _, a = run(assets, tmp_path / "a", *ptx)
+    _, b = run(assets, tmp_path / "b", *ptx, "train.micro_batch_size=1")
+    _, plain = run(assets, tmp_path / "c", "train.steps=2")
+    assert all(m["ptx_loss"] > 0 for m in a)
+    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], atol=1e-5)
+    # the first step's loss is the plain PPO loss plus 0.5 x the ptx token mean
+    assert a[0]["loss"] == pytest.approx(plain[0]["loss"] + 0.5 * a[0]["ptx_loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -15,6 +15,11 @@ gives advantages and returns (returns before whitening), advantages are then whi
 batch's action tokens. The next ppo_epochs * num_collect_steps steps each train on one collected batch:
 clipped surrogate + vf_coef * clipped value loss (around the old values). Checkpoints fall on episode
 boundaries; the adaptive KL coefficient (`ppo.adaptive_kl`, Ziegler et al.) is saved with them.
+
+ptx (InstructGPT's pretraining mix, ColossalChat's ptx_coef): with `ppo.ptx_files` (SFT records) each step
+also carries train.batch_size SFT rows and adds ptx_coef * their token-mean NLL. The two token means have
+different denominators, so `pre_step` measures both over the global batch and the NLL sum is rescaled by
+their ratio: exact for any micro-batch split or mesh.
 """
 import types
 
@@ -24,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import JaxalignError, models
+from jaxalign.data import pipeline
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train.grpo import METRIC, Generator
@@ -104,7 +110,26 @@ def ppo_loss(model, batch, rng, cfg, aux):
                "approx_kl": (jnp.sum(0.5 * (logp - batch["old_logps"]) ** 2 * mask), tokens),
                "entropy": (jnp.sum(stats["entropy"] * mask), tokens)}
     metrics.update({k[len(METRIC):]: (jnp.sum(v * w), jnp.sum(w)) for k, v in batch.items() if k.startswith(METRIC)})
-    return jnp.sum(pg * mask) + c.vf_coef * jnp.sum(vf * mask), tokens, metrics
+    total = jnp.sum(pg * mask) + c.vf_coef * jnp.sum(vf * mask)
+    if "ptx_input_ids" in batch:
+        ptx_logp, ptx_mask = completion_logprobs(actor, ptx_rows(batch), cfg, with_stats=False)
+        nll = -jnp.sum(ptx_logp * ptx_mask)
+        metrics["ptx_loss"] = (nll, jnp.sum(ptx_mask))
+        total = total + c.ptx_coef * nll * batch["ptx_scale"][0]
+    return total, tokens, metrics
+
+
+def ptx_rows(batch):
+    return {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_") and k != "ptx_scale"}
+
+
+def ppo_pre_step(model, batch, cfg, aux):
+    """ptx_scale = (action tokens) / (ptx tokens) over the global batch (see the module docstring)."""
+    if "ptx_input_ids" not in batch:
+        return {}
+    actions = jnp.sum(batch["completion_mask"][:, 1:])
+    ptx = jnp.sum(batch["ptx_completion_mask"][:, 1:])
+    return {"ptx_scale": jnp.full(batch["ptx_input_ids"].shape[:1], actions / jnp.maximum(ptx, 1.0))}
 
 
 class Rollout(Generator):
@@ -134,12 +159,24 @@ class Rollout(Generator):
             return old, ref_lp, values, (score - rm_cfg.reward_mean) / rm_cfg.reward_std
 
         self._experience = jax.jit(experience)
+        self.ptx = None
+        if c.ptx_files:
+            if not c.ptx_coef:
+                raise JaxalignError("ppo.ptx_files is set but ppo.ptx_coef is 0")
+            spec = pipeline.DataSpec("sft", max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                     on_error=cfg.data.on_error)
+            data = pipeline.prepare(c.ptx_files, spec, tokenizer, pipeline.tokenizer_dir(cfg),
+                                    cfg.data.cache_dir or None, cfg.data.num_proc, log)
+            self.ptx = pipeline.Batches(data, cfg.train.batch_size, seed=cfg.seed + 1, buckets=cfg.data.buckets,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
 
     def state(self) -> dict:
-        return {"kl_coef": self.kl_coef}
+        return {"kl_coef": self.kl_coef, **({"ptx": self.ptx.state()} if self.ptx is not None else {})}
 
     def restore(self, state: dict):
         self.kl_coef = float(state["kl_coef"])
+        if self.ptx is not None and "ptx" in state:
+            self.ptx.restore(state["ptx"])
 
     def __call__(self, it, params, step):
         c = self.cfg.ppo
@@ -151,7 +188,11 @@ class Rollout(Generator):
                 kl = float(np.mean([b[METRIC + "kl"] for b in self.buffer]))
                 err = np.clip(kl / c.kl_target - 1.0, -0.2, 0.2)
                 self.kl_coef *= 1.0 + err * len(self.buffer) * self.cfg.train.batch_size / c.kl_horizon
-        return self.buffer[k % c.num_collect_steps]
+        batch = self.buffer[k % c.num_collect_steps]
+        if self.ptx is not None:
+            sft = next(self.ptx)
+            batch = {**batch, **{f"ptx_{n}": sft[n] for n in ("input_ids", "attention_mask", "completion_mask")}}
+        return batch
 
     def collect(self, host, params, step) -> dict:
         c = self.cfg.ppo
@@ -217,7 +258,7 @@ class Rollout(Generator):
         return {f"eval/{k}": v / max(n, 1e-9) for k, v in sums.items()}
 
 
-TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer,
+TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer, pre_step=ppo_pre_step,
             batch_keys=None,
             make_rollout=lambda cfg, model_cfg, graphdef, mesh, rules, tok, log: Rollout(
                 cfg, model_cfg, graphdef, mesh, rules, tok, log))
