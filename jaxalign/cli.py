@@ -56,11 +56,15 @@ def cmd_prepare(args):
 
 def cmd_train(args):
     from jaxalign.config import load_config
+    from jaxalign.parallel import multihost
     from jaxalign.train import get_task
     from jaxalign.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, get_task(cfg.task))
+    multihost.initialize(cfg.distributed)
+    result = train(cfg, get_task(cfg.task), log=multihost.main_only(print))
+    if not multihost.is_main():
+        return
     summary = {**result.metrics, **result.eval_metrics}
     print(f"done: step {result.step} in {result.run_dir}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in summary.items() if k in ("loss", "eval/loss", "eval/exact_match",

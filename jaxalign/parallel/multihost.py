@@ -1,0 +1,95 @@
+"""Multi-host start-up: `jax.distributed.initialize` from the config, the environment, or auto-detection.
+
+Order of precedence:
+1. `distributed.coordinator_address` / `num_processes` / `process_id` in the config (any launcher);
+2. the environment: JAXALIGN_COORDINATOR_ADDRESS, JAXALIGN_NUM_PROCESSES, JAXALIGN_PROCESS_ID (what
+   launch/local_multiprocess.sh and launch/gpu_mpirun.sh export);
+3. JAX's own cluster detection (Cloud TPU pod slices, SLURM, Open MPI) when one of those environments is
+   visible: jax.distributed.initialize() with no arguments;
+4. otherwise a single process: nothing to do.
+
+On CPU the cross-process collectives use gloo. A coordinator that never answers fails after
+`distributed.timeout_s` seconds with a one-line error, instead of hanging the job.
+"""
+import os
+
+import jax
+
+from jaxalign import JaxalignError
+
+ENV = ("JAXALIGN_COORDINATOR_ADDRESS", "JAXALIGN_NUM_PROCESSES", "JAXALIGN_PROCESS_ID")
+CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+_initialized = False
+
+
+def settings(section=None) -> dict:
+    """The explicit (address, count, id) from the config section or the environment, or {} for none."""
+    get = (lambda k: section[k]) if section is not None else (lambda k: None)
+    address = (get("coordinator_address") if section is not None else "") or os.environ.get(ENV[0], "")
+    if not address:
+        return {}
+    count = (get("num_processes") if section is not None else 0) or os.environ.get(ENV[1])
+    pid = get("process_id") if section is not None and get("process_id") >= 0 else os.environ.get(ENV[2])
+    if count in (None, "") or pid in (None, ""):
+        raise JaxalignError(f"distributed: coordinator {address} given without num_processes and process_id "
+                            f"(config distributed.* or {ENV[1]}/{ENV[2]})")
+    return {"coordinator_address": address, "num_processes": int(count), "process_id": int(pid)}
+
+
+def cluster_detected() -> bool:
+    return any(k in os.environ and os.environ.get("SLURM_NTASKS", "2") != "1" for k in CLUSTER_HINTS)
+
+
+def initialize(section=None, log=print) -> bool:
+    """Join the job's processes (once per interpreter); True when running multi-process."""
+    global _initialized
+    if _initialized:
+        return jax.process_count() > 1
+    explicit = settings(section)
+    if not explicit and not cluster_detected():
+        return False
+    timeout = int(section["timeout_s"]) if section is not None else 300
+    # CPU collectives across processes (only the CPU backend reads it; harmless on GPU/TPU)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit and explicit["process_id"] != 0:
+        wait_for_coordinator(explicit["coordinator_address"], timeout)
+    try:
+        jax.distributed.initialize(**explicit, initialization_timeout=timeout)
+    except Exception as e:  # the runtime raises assorted types (XlaRuntimeError, RuntimeError, ValueError)
+        where = explicit.get("coordinator_address", "auto-detected cluster")
+        raise JaxalignError(f"distributed: could not join the job at {where} within {timeout}s "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    _initialized = True
+    if jax.process_index() == 0:
+        log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+            f"({jax.local_device_count()} per process)")
+    return True
+
+
+def wait_for_coordinator(address: str, timeout: float):
+    """Poll the coordinator's port until it accepts a connection: the runtime would abort the process (a C++
+    check failure, no Python error) when it cannot register in time."""
+    import socket
+    import time
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise JaxalignError(f"distributed: coordinator address {address!r}: expected host:port")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise JaxalignError(f"distributed: could not join the job at {address} within {timeout:.0f}s "
+                                    f"(no coordinator answers: {e.strerror or e}); is process 0 running?") from None
+            time.sleep(0.5)
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def main_only(log):
+    """A log function that prints on process 0 only (every process runs the same code)."""
+    return lambda *a, **k: log(*a, **k) if jax.process_index() == 0 else None
