@@ -61,6 +61,10 @@ def cmd_train(args):
     from jaxalign.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from jaxalign.train.dryrun import dry_run
+        dry_run(cfg, get_task(cfg.task))
+        return
     multihost.initialize(cfg.distributed)
     result = train(cfg, get_task(cfg.task), log=multihost.main_only(print))
     if not multihost.is_main():
@@ -144,6 +148,8 @@ def build_parser():
                        description="Train the task of a recipe file in its run_dir; re-running the same "
                                    "command resumes from the latest checkpoint.")
     t.add_argument("--config", required=True, help="recipe file (get_config()); --config.a.b=v overrides")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print per-device memory arithmetic and compile the step on abstract params; no training")
     t.set_defaults(func=cmd_train)
 
     q = sub.add_parser("quickstart", help="the bundled end-to-end demo (a few minutes on CPU)",

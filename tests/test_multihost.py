@@ -131,3 +131,55 @@ def test_bad_coordinator_fails_in_bounded_time(assets, tmp_path):
     assert time.time() - start < 60
     assert p.returncode == 2, p.stderr[-2000:]
     assert "jaxalign: error: distributed: could not join the job at 127.0.0.1" in p.stderr
+
+
+# ------------------------------------------------------------------------- settings and the dry run
+
+def test_settings_precedence(monkeypatch):
+    from jaxalign import JaxalignError
+    from jaxalign.parallel import multihost
+    for k in multihost.ENV + multihost.CLUSTER_HINTS:
+        monkeypatch.delenv(k, raising=False)
+    section = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+    assert multihost.settings(section) == {} and not multihost.cluster_detected()
+    monkeypatch.setenv("JAXALIGN_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAXALIGN_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAXALIGN_PROCESS_ID", "3")
+    assert multihost.settings(section) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                           "process_id": 3}
+    explicit = {"coordinator_address": "h0:99", "num_processes": 2, "process_id": 0}
+    assert multihost.settings(explicit) == explicit  # the config wins over the environment
+    monkeypatch.delenv("JAXALIGN_PROCESS_ID")
+    with pytest.raises(JaxalignError, match="without num_processes and process_id"):
+        multihost.settings(section)
+    monkeypatch.delenv("JAXALIGN_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not multihost.cluster_detected()  # a one-task allocation is a single process
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert multihost.cluster_detected()
+
+
+def test_dry_run_prints_arithmetic_and_compiles(assets, tmp_path, capsys):
+    from jaxalign import cli
+    f = fields(assets, tmp_path / "never", **{"train.micro_batch_size": 4, "mesh.shape": (2, 2, 2)})
+    cli.main(["train", "--config", config_file(assets, "dry", f), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "mesh {'data': 2, 'fsdp': 2, 'model': 2}" in out and "activations" in out
+    assert "compiled train step, XLA's memory analysis per device" in out
+    assert not (tmp_path / "never").exists()  # a dry run writes no run directory
+
+
+def test_recipe_arithmetic_fits_the_hardware_it_names():
+    """The numbers written in the large recipes are what jaxalign/train/memory.py computes."""
+    from jaxalign.config import load_config
+    from jaxalign.models.presets import get_preset
+    from jaxalign.train.memory import estimate
+    GiB = 2 ** 30
+    sft = load_config(os.path.join(ROOT, "configs", "llama3_8b_sft.py"))
+    e = estimate(sft, get_preset("llama3_8b", dtype="bfloat16", param_dtype="float32", remat="dots"), 16)
+    assert e["num_params"] == 8_030_261_248 and round(e["params"] / GiB, 1) == 1.9
+    assert 21 * GiB < e["total"] < 23 * GiB < 80 * GiB
+    dpo70 = load_config(os.path.join(ROOT, "configs", "llama3_70b_dpo.py"))
+    e = estimate(dpo70, get_preset("llama3_70b", dtype="bfloat16", param_dtype="float32", remat="full"), 64)
+    assert round(e["reference"] / GiB, 1) == 4.1 and 25 * GiB < e["total"] < 27 * GiB < 95 * GiB

@@ -1,0 +1,63 @@
+"""`jaxalign train --dry-run`: the per-device memory arithmetic of a config, then (when this machine has the
+mesh's devices, real or simulated with XLA_FLAGS=--xla_force_host_platform_device_count=N) the train step
+compiled on abstract parameters and optimizer state, with XLA's own memory analysis. Nothing is allocated
+but one real data batch, and no run directory is written."""
+import jax
+
+from jaxalign import JaxalignError
+from jaxalign.data import pipeline, templates
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import memory
+from jaxalign.train import state as state_lib
+from jaxalign.train.loop import _abstract, device_batch, make_train_step, model_config
+from jaxalign.train.optim import make_optimizer
+
+
+def dry_run(cfg, task, log=print) -> dict:
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    if not tok_dir:
+        raise JaxalignError("tokenizer.path is not set (and there is no model.path to take it from)")
+    tokenizer = templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
+    model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
+    est = memory.estimate(cfg, model_cfg, jax.device_count())
+    log(memory.report(est))
+    out = {"estimate": est}
+    try:
+        mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+    except mesh_lib.MeshError as e:
+        log(f"compile skipped: {e} (simulate them on CPU with JAX_PLATFORMS=cpu "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        return out
+    if task.make_rollout or task.models:
+        log(f"compile skipped: the dry run compiles offline tasks' train steps only, not {task.name}'s rollouts")
+        return out
+    if task.setup and cfg[task.name].get("precompute_ref_logps"):
+        log("compile skipped: precomputed reference log-probs need the reference pass (set "
+            f"{task.name}.precompute_ref_logps=false to compile the on-the-fly variant)")
+        return out
+    rules = mesh_lib.normalize_rules(cfg.mesh.rules)
+    data = pipeline.prepare_from_config(cfg, "train", tokenizer, log=log)
+    if data is None:
+        raise JaxalignError("data.train_files is not set (the dry run compiles on one real batch)")
+    B = cfg.train.batch_size
+    mb = cfg.train.micro_batch_size or B
+    host = next(pipeline.Batches(data, B, seed=cfg.seed, packing=cfg.data.packing, buckets=cfg.data.buckets,
+                                 process_index=jax.process_index(), process_count=jax.process_count()))
+    graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_lib.state_shardings(tx, params_abs, params_sh, mesh)
+    state = state_lib.abstract_state(tx, params_abs, shardings)
+    aux = {"ref": mesh_lib.abstract_with_shardings(params_abs, params_sh)} if task.setup else None
+    step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb), out_shardings=(shardings, None),
+                   donate_argnums=0)
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, device_batch(host, task, mesh, rules), aux).compile()
+    m = compiled.memory_analysis()
+    if m is not None:
+        xla = {k: getattr(m, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "generated_code")}
+        out["xla"] = xla
+        log("compiled train step, XLA's memory analysis per device: " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB" for k, v in xla.items()))
+    else:
+        log("compiled train step (this backend reports no memory analysis)")
+    return out

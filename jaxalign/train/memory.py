@@ -1,0 +1,61 @@
+"""Per-device memory arithmetic of a training config (what `jaxalign train --dry-run` prints).
+
+Weights shard over fsdp x model (embed over fsdp; heads, mlp and vocab over model; DEFAULT_RULES), so each
+device holds about 1/(fsdp*model) of the parameters, their gradients and AdamW's two moments (in the
+parameter dtype). A frozen reference (DPO/KTO on the fly, GRPO with beta, PPO) adds one more copy of the
+weights; PPO adds a critic with its gradients and moments. Activations are for one micro-batch: rows per
+device = micro_batch / (data*fsdp) (twice that for pairs), saved per layer as the remat policy keeps them
+(full: the layer input; dots: also the matmul outputs; none: roughly everything, Korthikanti et al.'s
+~(34 D + 5 H T) bytes per token in half precision), plus one log-prob chunk of [rows, chunk, V] float32.
+These are estimates; the compiled program's own numbers (XLA's memory analysis) are printed beside them.
+"""
+import math
+
+import jax.numpy as jnp
+
+PAIRED = ("rm", "dpo", "simpo", "cpo", "orpo")
+
+
+def _mesh(shape, n_devices: int) -> dict:
+    shape = list(shape)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = max(n_devices // known, 1)
+    return dict(zip(("data", "fsdp", "model"), shape))
+
+
+def estimate(cfg, model_cfg, n_devices: int) -> dict:
+    """Bytes per device by kind (params, grads, optimizer, reference, activations, logits chunk, total)."""
+    mesh = _mesh(cfg.mesh.shape, n_devices)
+    shards = mesh["fsdp"] * mesh["model"]
+    pbytes = jnp.dtype(model_cfg.param_dtype).itemsize
+    cbytes = jnp.dtype(model_cfg.dtype).itemsize
+    n = model_cfg.num_params()
+    weights = n * pbytes / shards
+    trained = 2 if cfg.task == "ppo" else 1  # PPO trains a critic of about the same size
+    out = {"params": weights * trained, "grads": weights * trained, "optimizer": 2 * weights * trained}
+    reference = (cfg.task in ("dpo", "kto") and not cfg[cfg.task].precompute_ref_logps) or \
+        (cfg.task == "grpo" and cfg.grpo.beta) or cfg.task == "ppo"
+    out["reference"] = weights * (2 if cfg.task == "ppo" else 1) if reference else 0.0  # PPO: + reward model
+    mb = cfg.train.micro_batch_size or cfg.train.batch_size
+    rows = mb / (mesh["data"] * mesh["fsdp"]) * (2 if cfg.task in PAIRED else 1)
+    if cfg.task == "grpo":
+        rows *= cfg.grpo.num_generations
+    T, D, F, L, V = cfg.data.max_length, model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, \
+        model_cfg.vocab_size
+    per_token_layer = {"full": D, "dots": 4 * D + 3 * F, "none": 17 * D + 2.5 * model_cfg.num_heads * T}
+    act = rows * T * L * per_token_layer[model_cfg.remat] * cbytes / (mesh["model"] if model_cfg.remat != "full" else 1)
+    out["activations"] = act
+    out["logits_chunk"] = rows * min(cfg.train.logprob_chunk, T) * V * 4 / mesh["model"] * 2  # logits + grad
+    out["total"] = sum(out.values())
+    out["mesh"] = mesh
+    out["num_params"] = n
+    return out
+
+
+def report(est: dict) -> str:
+    gib = lambda b: f"{b / 2**30:8.2f} GiB" if b >= 2**30 else f"{b / 2**20:8.1f} MiB"
+    lines = [f"model: {est['num_params'] / 1e9:.2f}B params; mesh {est['mesh']}; per device:"]
+    for k in ("params", "grads", "optimizer", "reference", "activations", "logits_chunk", "total"):
+        lines.append(f"  {k:<13}{gib(est[k])}")
+    return "\n".join(lines)
