@@ -35,13 +35,18 @@ def assets(tmp_path_factory):
            for w in words for v in ("Yes.", "No.")]
     pairs = [{"prompt": w, "chosen": "Yes.", "rejected": "No."} for w in words * 2]
     prompts = [{"prompt": w} for w in words * 2]
-    return {"tokenizer": make_tokenizer(str(d / "tok")), "sft": write_jsonl(d / "sft.jsonl", sft),
-            "pairs": write_jsonl(d / "pairs.jsonl", pairs), "prompts": write_jsonl(d / "prompts.jsonl", prompts),
-            "cache": str(d / "cache"), "dir": d}
+    unpaired = [{"prompt": w, "completion": v, "label": v == "Yes."} for w in words for v in ("Yes.", "No.")]
+    out = {"tokenizer": make_tokenizer(str(d / "tok")), "sft": write_jsonl(d / "sft.jsonl", sft),
+           "pairs": write_jsonl(d / "pairs.jsonl", pairs), "prompts": write_jsonl(d / "prompts.jsonl", prompts),
+           "unpaired": write_jsonl(d / "unpaired.jsonl", unpaired), "cache": str(d / "cache"), "dir": d}
+    rm = fields(out, d / "rm", "rm", **{"train.steps": 2, "checkpoint.every": 0})
+    one_process(rm, "rm")  # the reward model PPO needs
+    out["rm"] = str(d / "rm")
+    return out
 
 
 def fields(assets, run_dir, task="sft", **extra):
-    data = {"sft": "sft", "dpo": "pairs", "grpo": "prompts"}[task]
+    data = {"sft": "sft", "dpo": "pairs", "rm": "pairs", "kto": "unpaired", "grpo": "prompts", "ppo": "prompts"}[task]
     f = {"task": task, "run_dir": str(run_dir), "model.preset": "tiny", "model.dtype": "float32",
          "tokenizer.path": assets["tokenizer"], "data.train_files": assets[data],
          "data.max_length": 32, "data.cache_dir": assets["cache"], "optim.lr": 3e-3, "optim.schedule": "constant",
@@ -83,18 +88,18 @@ GRPO = {"grpo.reward_funcs": "tests.grpo_rewards:e_fraction", "grpo.num_generati
         "grpo.max_completion_length": 6}
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("task", ["sft", "dpo", "kto", "grpo", "ppo"])
 def test_two_processes_match_one(assets, tmp_path, task):
-    """GRPO: each process samples its own prompts' completions on the shared mesh; the rollouts, rewards and
-    losses equal those of one process."""
-    extra = GRPO if task == "grpo" else {}
+    """KTO: its KL reference point spans both processes' rows. GRPO and PPO: each process samples its own
+    prompts' completions on the shared mesh; rollouts, rewards and losses equal those of one process."""
+    extra = {"grpo": GRPO, "ppo": {"ppo.reward_model": assets["rm"], "ppo.max_completion_length": 6}}.get(task, {})
     rc, out = launch(assets, f"two-{task}", fields(assets, tmp_path / "two", task, **extra))
     assert rc == 0, out[-3000:]
     assert "[0] distributed: 2 processes, 8 devices (4 per process)" in out
     assert "[1] done" not in out and "[0] done: step 4" in out  # process 0 alone reports
     one_process(fields(assets, tmp_path / "one", task, **extra), task)
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=0)
-    if task == "grpo":
+    if task in ("grpo", "ppo"):
         rewards = lambda d: [m["reward"] for m in read_metrics(str(d)) if "reward" in m]
         np.testing.assert_allclose(rewards(tmp_path / "two"), rewards(tmp_path / "one"), atol=1e-6)
     assert len(losses(tmp_path / "two")) == 4

@@ -86,6 +86,22 @@ def wait_for_coordinator(address: str, timeout: float):
             time.sleep(0.5)
 
 
+def allgather(x):
+    """Every process's host array, concatenated along axis 0 in process order (identity on one process):
+    for statistics that must span the global batch (advantage whitening, batch-scaled rewards)."""
+    import numpy as np
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def local_rows(x, n: int):
+    """This process's n rows of a process-ordered concatenation (the inverse of allgather)."""
+    rank = jax.process_index()
+    return x[rank * n:(rank + 1) * n]
+
+
 def is_main() -> bool:
     return jax.process_index() == 0
 

@@ -20,6 +20,7 @@ from jaxalign import JaxalignError, sampling
 from jaxalign.data.pipeline import Batches
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.parallel import multihost
 from jaxalign.rewards import load_reward_funcs
 from jaxalign.train.loop import Task, initial_params
 from jaxalign.train.sft import completion_logprobs
@@ -164,8 +165,10 @@ class Rollout(Generator):
         ids, mask, tokens, lengths, stopped, texts = self.generate(host, params, self.sp, self.G, key)
         rewards, each = self.score(host, texts, self.G)
         ok = ~np.isnan(rewards)
-        adv = np.asarray(P.group_advantages(np.nan_to_num(rewards), self.G, scale=c.scale_rewards,
-                                            estimator=c.estimator))
+        # groups are whole within a process, but batch-scaled and reinforce++ statistics span all processes
+        everyone = multihost.allgather(np.nan_to_num(rewards))
+        adv = multihost.local_rows(np.asarray(P.group_advantages(everyone, self.G, scale=c.scale_rewards,
+                                                                 estimator=c.estimator)), len(rewards))
         adv = np.where(ok, adv, 0.0)
         weight = np.repeat(host["weight"], self.G).astype(np.float32)
         batch = {**self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions),

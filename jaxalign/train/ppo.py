@@ -32,6 +32,7 @@ from jaxalign import JaxalignError, models
 from jaxalign.data import pipeline
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.parallel import multihost
 from jaxalign.train.grpo import METRIC, Generator
 from jaxalign.train.loop import Task, initial_params
 from jaxalign.train.optim import make_optimizer, per_model
@@ -185,7 +186,7 @@ class Rollout(Generator):
             self.buffer = [self.collect(next(it), params, step + i) for i in range(c.num_collect_steps)]
             self.whiten()
             if c.adaptive_kl:  # Ziegler et al.: move beta towards the KL target, proportionally, +-20 %
-                kl = float(np.mean([b[METRIC + "kl"] for b in self.buffer]))
+                kl = float(np.mean(multihost.allgather(np.concatenate([b[METRIC + "kl"] for b in self.buffer]))))
                 err = np.clip(kl / c.kl_target - 1.0, -0.2, 0.2)
                 self.kl_coef *= 1.0 + err * len(self.buffer) * self.cfg.train.batch_size / c.kl_horizon
         batch = self.buffer[k % c.num_collect_steps]
@@ -228,7 +229,9 @@ class Rollout(Generator):
             return
         adv = np.concatenate([b["advantages"].ravel() for b in self.buffer])
         m = np.concatenate([b["action_mask"].ravel() for b in self.buffer])
-        white = np.asarray(P.whiten(jnp.asarray(adv), jnp.asarray(m)))
+        # statistics over every process's rows (each process holds its slice of the episode)
+        white = multihost.local_rows(np.asarray(P.whiten(jnp.asarray(multihost.allgather(adv)),
+                                                         jnp.asarray(multihost.allgather(m)))), adv.size)
         at = 0
         for b in self.buffer:
             size = b["advantages"].size
