@@ -5,6 +5,8 @@ REINFORCE++-baseline: grpo.estimator=reinforce++. train.batch_size counts prompt
 
 Reward functions are named as module:function (or file.py:function) and get (prompts, completions, and
 each extra field of the records as a keyword list); jaxalign.rewards has exact_match (an `answer` field).
+A reward model (grpo.reward_model: a jaxalign RM or an HF *ForSequenceClassification directory) can score
+the completions too, weighted by grpo.reward_model_weight.
 
 jaxalign train --config configs/grpo.py --config.model.path=SFT_DIR --config.data.train_files=prompts.jsonl \
     --config.grpo.reward_funcs=jaxalign.rewards:exact_match

@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo = dict(num_generations=8, max_completion_length=256, temperature=1.0, beta=0.0, kl_estimator="k3",
                   epsilon=0.2, epsilon_high=0.0, estimator="grpo", scale_rewards="group",
                   aggregation="token_mean", num_iterations=1, reward_funcs="", reward_weights="", ref_path="",
-                  mask_truncated_completions=False, eval_temperature=0.0)
+                  mask_truncated_completions=False, eval_temperature=0.0, reward_model="",
+                  reward_model_weight=1.0)
     # PPO with a critic (TRL PPOConfig / OpenRLHF / ColossalChat names). train.batch_size counts prompts per
     # collect step; an episode collects num_collect_steps batches, then trains ppo_epochs passes over them.
     c.ppo = dict(reward_model="", critic_path="", ref_path="", critic_lr=0.0, max_completion_length=256,

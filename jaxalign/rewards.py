@@ -30,11 +30,12 @@ def sorted_digits(prompts, completions, **_):
     return out
 
 
-def load_reward_funcs(spec: str, weights: str = "") -> list:
+def load_reward_funcs(spec: str, weights: str = "", required: bool = True) -> list:
     """[(name, function, weight)] from 'module:function,path/file.py:function' and '1.0,0.5'."""
     names = [s.strip() for s in str(spec).split(",") if s.strip()]
-    if not names:
-        raise JaxalignError("grpo.reward_funcs is empty: name at least one reward function (module:function)")
+    if not names and required:
+        raise JaxalignError("grpo.reward_funcs is empty: name at least one reward function (module:function) "
+                            "or a grpo.reward_model")
     ws = [float(w) for w in str(weights).split(",") if w.strip()] or [1.0] * len(names)
     if len(ws) != len(names):
         raise JaxalignError(f"grpo.reward_weights has {len(ws)} entries for {len(names)} reward functions")

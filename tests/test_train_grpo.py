@@ -164,3 +164,35 @@ def test_num_iterations_reuses_generations(assets, tmp_path):
 def test_bad_config_is_an_error(assets, tmp_path, overrides, match):
     with pytest.raises(JaxalignError, match=match):
         run(assets, tmp_path, *overrides)
+
+
+def test_reward_model_scores_the_rows(assets, tmp_path):
+    """grpo.reward_model: a frozen RM's normalised score of each (left-padded) row joins the functions'
+    rewards with its weight; checked against the RM loaded on its own."""
+    import jax.numpy as jnp
+    from jaxalign import models
+    from jaxalign.data import pipeline, templates
+    from jaxalign.parallel import mesh as mesh_lib
+    from jaxalign.train import grpo
+    from jaxalign.train.reward import sequence_rewards
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Yes?", "chosen": "Yes.", "rejected": "No."}] * 8)
+    rm_cfg = make_cfg(assets, tmp_path / "rm", "task=rm", f"data.train_files={pairs}", "train.steps=2",
+                      "rm.normalize_reward=true")
+    train(rm_cfg, get_task("rm"), log=quiet)
+    cfg = make_cfg(assets, tmp_path / "g", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_model_weight=0.5")
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
+    model_cfg = loop.model_config(cfg, tok)
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+    params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
+    ro = grpo.Rollout(cfg, model_cfg, models.abstract_params(model_cfg)[0], mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
+    out = ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
+    rm = models.from_pretrained(str(tmp_path / "rm"))
+    assert rm.config.reward_std != 1.0  # the stored normalisation is applied
+    want = np.asarray(sequence_rewards(rm.module(), jnp.asarray(out["input_ids"]), jnp.asarray(out["attention_mask"])))
+    np.testing.assert_allclose(out["metric/rewards/reward_model"], want, atol=1e-5)
+    np.testing.assert_allclose(out["metric/reward"], out["metric/rewards/e_fraction"] + 0.5 * want, atol=1e-5)
+    cfg_only = make_cfg(assets, tmp_path / "g2", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_funcs=",
+                        "train.steps=2")
+    train(cfg_only, GRPO, log=quiet)  # a reward model alone is enough

@@ -14,7 +14,8 @@ from jaxalign import JaxalignError, models
 from jaxalign.config import apply_overrides, base_config
 from jaxalign.train import get_task, loop
 from jaxalign.train.loop import read_metrics, train
-from jaxalign.train.ppo import last_index, shape_rewards
+from jaxalign.train.ppo import shape_rewards
+from jaxalign.train.reward import last_index
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 4

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import JaxalignError, sampling
+from jaxalign import JaxalignError, models, sampling
 from jaxalign.data.pipeline import Batches
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
 from jaxalign.rewards import load_reward_funcs
 from jaxalign.train.loop import Task, initial_params
+from jaxalign.train.reward import sequence_rewards
 from jaxalign.train.sft import completion_logprobs
 
 METRIC = "metric/"  # batch columns under this prefix are logged as weighted means
@@ -119,14 +120,31 @@ class Rollout(Generator):
         check_config(cfg)
         super().__init__(cfg.grpo, model_cfg, graphdef, mesh, rules, tokenizer)
         self.cfg, self.log = cfg, log
-        self.funcs = load_reward_funcs(cfg.grpo.reward_funcs, cfg.grpo.reward_weights)
+        self.funcs = load_reward_funcs(cfg.grpo.reward_funcs, cfg.grpo.reward_weights,
+                                       required=not cfg.grpo.reward_model)
+        self.rm = None
+        if cfg.grpo.reward_model:  # a frozen reward model scores the rows too (weighted with the functions)
+            rm_cfg = models.load_config(cfg.grpo.reward_model, dtype=model_cfg.dtype,
+                                        param_dtype=model_cfg.param_dtype)
+            if not rm_cfg.num_labels:
+                raise JaxalignError(f"grpo.reward_model {cfg.grpo.reward_model}: not a reward model (no scalar head)")
+            rm_graphdef = models.abstract_params(rm_cfg)[0]
+            self.rm = initial_params(cfg, rm_cfg, mesh, rules, source=cfg.grpo.reward_model)
+            self._rm_score = jax.jit(lambda p, b: sequence_rewards(nnx.merge(rm_graphdef, p), b["input_ids"],
+                                                                   b["attention_mask"]))
         self.G = cfg.grpo.num_generations
         self.cached = None
         self._old_logps = jax.jit(lambda params, batch: completion_logprobs(
             nnx.merge(graphdef, params), batch, cfg, with_stats=False, temperature=cfg.grpo.temperature)[0])
 
     # ---- scoring
-    def score(self, host, texts, G):
+    def model_score(self, rows) -> np.ndarray:
+        """The reward model's normalised score of each training row (this process's rows)."""
+        dev = mesh_lib.shard_batch({k: rows[k] for k in ("input_ids", "attention_mask")}, self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            return self.local(self._rm_score(self.rm, dev), len(rows["input_ids"]))
+
+    def score(self, host, texts, G, rows=None):
         """Weighted reward sum [n] (NaN where no function could score) and each function's rewards. Padding
         rows (weight 0: the end of an eval set) are not shown to the reward functions."""
         real = np.flatnonzero(np.repeat(np.asarray(host["weight"]) > 0, G))
@@ -144,6 +162,11 @@ class Rollout(Generator):
             each[name] = r
             scored |= ~np.isnan(r)
             total += w * np.nan_to_num(r)
+        if self.rm is not None:
+            r = np.where(np.repeat(np.asarray(host["weight"]) > 0, G), self.model_score(rows), np.nan)
+            each["reward_model"] = r
+            scored |= ~np.isnan(r)
+            total += self.cfg.grpo.reward_model_weight * np.nan_to_num(r)
         return np.where(scored, total, np.nan), each
 
     def state(self) -> dict:
@@ -163,7 +186,8 @@ class Rollout(Generator):
         c = self.cfg.grpo
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
         ids, mask, tokens, lengths, stopped, texts = self.generate(host, params, self.sp, self.G, key)
-        rewards, each = self.score(host, texts, self.G)
+        rows = self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions)
+        rewards, each = self.score(host, texts, self.G, rows)
         ok = ~np.isnan(rewards)
         # groups are whole within a process, but batch-scaled and reinforce++ statistics span all processes
         everyone = multihost.allgather(np.nan_to_num(rewards))
@@ -171,8 +195,7 @@ class Rollout(Generator):
                                                                  estimator=c.estimator)), len(rewards))
         adv = np.where(ok, adv, 0.0)
         weight = np.repeat(host["weight"], self.G).astype(np.float32)
-        batch = {**self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions),
-                 "advantages": adv.astype(np.float32), "weight": weight,
+        batch = {**rows, "advantages": adv.astype(np.float32), "weight": weight,
                  METRIC + "reward": np.nan_to_num(rewards).astype(np.float32),
                  METRIC + "reward_sq": (np.nan_to_num(rewards) ** 2).astype(np.float32),
                  METRIC + "completions/mean_length": lengths.astype(np.float32),
@@ -200,8 +223,8 @@ class Rollout(Generator):
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
             key = jax.random.PRNGKey(self.cfg.seed + 1)
-            _, _, _, lengths, _, texts = self.generate(host, params, self.eval_sp, 1, key)
-            rewards, each = self.score(host, texts, 1)
+            ids, mask, tokens, lengths, stopped, texts = self.generate(host, params, self.eval_sp, 1, key)
+            rewards, each = self.score(host, texts, 1, self.sequences(ids, mask, tokens, lengths, stopped, False))
             w = np.asarray(host["weight"], np.float64)
             cols = {"reward": np.nan_to_num(rewards), "completions/mean_length": lengths.astype(np.float64),
                     **{f"rewards/{k}": np.nan_to_num(v) for k, v in each.items()}}

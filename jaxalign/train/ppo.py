@@ -36,6 +36,7 @@ from jaxalign.parallel import multihost
 from jaxalign.train.grpo import METRIC, Generator
 from jaxalign.train.loop import Task, initial_params
 from jaxalign.train.optim import make_optimizer, per_model
+from jaxalign.train.reward import last_index, sequence_rewards
 from jaxalign.train.sft import completion_logprobs
 
 
@@ -56,13 +57,6 @@ def check_config(cfg):
     if n < 1 or cfg.train.steps % n or (cfg.checkpoint.every and cfg.checkpoint.every % n):
         raise JaxalignError(f"an episode is num_collect_steps x ppo_epochs = {n} steps: train.steps and "
                             "checkpoint.every must be multiples of it (checkpoints fall between episodes)")
-
-
-def last_index(mask):
-    """Index of each row's last nonzero entry ([B]; 0 for an empty row)."""
-    T = mask.shape[-1]
-    flipped = jnp.argmax(jnp.asarray(mask)[..., ::-1] > 0, axis=-1)
-    return jnp.where(jnp.any(mask > 0, axis=-1), T - 1 - flipped, 0)
 
 
 def shape_rewards(kl, score, action_mask, kl_coef: float):
@@ -154,10 +148,7 @@ class Rollout(Generator):
             ref_lp = completion_logprobs(nnx.merge(actor_g, ref), batch, cfg, with_stats=False, temperature=T)[0]
             crit = nnx.merge(critic_g, critic)
             values = crit.scores(crit.hidden_states(ids, attn))[:, :-1]
-            rmodel = nnx.merge(rm_graphdef, rm)
-            scores = rmodel.scores(rmodel.hidden_states(ids, attn))
-            score = jnp.take_along_axis(scores, last_index(attn)[:, None], axis=1)[:, 0]
-            return old, ref_lp, values, (score - rm_cfg.reward_mean) / rm_cfg.reward_std
+            return old, ref_lp, values, sequence_rewards(nnx.merge(rm_graphdef, rm), ids, attn)
 
         self._experience = jax.jit(experience)
         self.ptx = None

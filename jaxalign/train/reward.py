@@ -23,6 +23,21 @@ def last_token_scores(model, rows):
     return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
 
 
+def last_index(mask):
+    """Index of each row's last nonzero entry ([B]; 0 for an empty row): the last real token of rows padded
+    on either side."""
+    T = mask.shape[-1]
+    flipped = jnp.argmax(jnp.asarray(mask)[..., ::-1] > 0, axis=-1)
+    return jnp.where(jnp.any(mask > 0, axis=-1), T - 1 - flipped, 0)
+
+
+def sequence_rewards(model, input_ids, attention_mask):
+    """A reward model's normalised score of rows padded on either side (RL rollouts are left-padded)."""
+    scores = model.scores(model.hidden_states(input_ids, attention_mask))
+    score = jnp.take_along_axis(scores, last_index(attention_mask)[:, None], axis=1)[:, 0]
+    return (score - model.config.reward_mean) / model.config.reward_std
+
+
 def rewards(model, rows):
     """Rewards of right-padded rows, normalised with the model's stored statistics (if any)."""
     cfg = model.config
