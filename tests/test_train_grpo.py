@@ -196,3 +196,29 @@ def test_reward_model_scores_the_rows(assets, tmp_path):
     cfg_only = make_cfg(assets, tmp_path / "g2", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_funcs=",
                         "train.steps=2")
     train(cfg_only, GRPO, log=quiet)  # a reward model alone is enough
+
+
+def test_eval_scores_greedy_completions_of_the_held_out_prompts(assets, tmp_path):
+    """eval/reward is the reward of one greedy completion per held-out prompt (checked with the sampler and
+    the reward function called directly); the 3 padding rows of the last eval batch are left out."""
+    from jaxalign import sampling
+    from jaxalign.data import formats, templates
+    from tests.grpo_rewards import e_fraction
+
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": w} for w in ("Hello there", "Yes?", "Maybe.",
+                                                                            "Thanks!", "Name a color.")])
+    result = train(make_cfg(assets, tmp_path / "run", "train.steps=1", f"data.eval_files={held_out}",
+                            "train.eval_before=true"), GRPO, log=quiet)
+    before = next(m for m in read_metrics(str(tmp_path / "run")) if "eval/reward" in m)
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    renderer = templates.Renderer(tok)
+    prompts = [renderer.prompt(formats.normalize(r, "prompt")["prompt"], r.where) for r in formats.read_records(held_out)]
+    start = loop.initial_params(make_cfg(assets, tmp_path / "run"), result.model_config, result.mesh,
+                                loop.mesh_lib.DEFAULT_RULES)
+    from jaxalign import models
+    lm = models.LM(result.model_config, result.graphdef, start, result.mesh)
+    ids, mask = sampling.left_pad(prompts, tok.pad_token_id)
+    out = sampling.generate(lm, ids, mask, max_new_tokens=8, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
+    texts = [tok.decode(c, skip_special_tokens=True) for c in sampling.completions(out)]
+    assert before["eval/reward"] == pytest.approx(np.mean(e_fraction(None, texts)), abs=1e-6)
+    assert before["eval/completions/mean_length"] == pytest.approx(np.mean(np.asarray(out.lengths)), abs=1e-6)

@@ -172,3 +172,10 @@ def test_ptx_term_is_exact_under_accumulation(assets, tmp_path):
 def test_bad_config_is_an_error(assets, tmp_path, overrides, match):
     with pytest.raises(JaxalignError, match=match):
         run(assets, tmp_path, *overrides)
+
+
+def test_eval_reports_the_reward_model_score(assets, tmp_path):
+    run(assets, tmp_path, "train.steps=1", f"data.eval_files={assets['prompts']}", "train.eval_before=true",
+        "train.eval_every=1")
+    ev = [m for m in read_metrics(str(tmp_path)) if "eval/score" in m]
+    assert len(ev) == 2 and all(np.isfinite(m["eval/score"]) and m["eval/completions/mean_length"] > 0 for m in ev)

@@ -71,8 +71,8 @@ def grpo_loss(model, batch, rng, cfg, aux):
 class Generator:
     """The sampler over a policy's live params on the host side of a step: prompts in, sequences out."""
 
-    def __init__(self, section, model_cfg, graphdef, mesh, rules, tokenizer):
-        self.graphdef, self.mesh, self.rules, self.tok = graphdef, mesh, rules, tokenizer
+    def __init__(self, cfg, section, model_cfg, graphdef, mesh, rules, tokenizer):
+        self.cfg, self.graphdef, self.mesh, self.rules, self.tok = cfg, graphdef, mesh, rules, tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
         stops = sampling.stop_ids(model_cfg, None, eos)
@@ -101,6 +101,29 @@ class Generator:
                  for t, k, s in zip(tokens, lengths, stopped)]
         return ids, mask, tokens, lengths, stopped, texts
 
+    def policy(self, params):
+        """The sampling policy's params within the train state's params."""
+        return params
+
+    def evaluate(self, params, data) -> dict:
+        """Weighted means over the held-out prompts of eval_columns() for one completion each (greedy unless
+        <task>.eval_temperature), plus the completion length."""
+        it = Batches(data, self.cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
+                     buckets=self.cfg.data.buckets, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+        sums, n = {}, 0.0
+        for i, host in enumerate(it):
+            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+                break
+            generated = self.generate(host, self.policy(params), self.eval_sp, 1,
+                                      jax.random.PRNGKey(self.cfg.seed + 1))
+            cols = {**self.eval_columns(host, params, generated), "completions/mean_length": generated[3]}
+            w = np.asarray(host["weight"], np.float64)
+            for k, v in cols.items():
+                sums[k] = sums.get(k, 0.0) + float(np.sum(np.nan_to_num(np.asarray(v, np.float64)) * w))
+            n += float(w.sum())
+        return {f"eval/{k}": v / max(n, 1e-9) for k, v in sums.items()}
+
     @staticmethod
     def sequences(ids, mask, tokens, lengths, stopped, mask_truncated: bool) -> dict:
         """Training rows: the left-padded prompt, then the completion (stop token included), pad after.
@@ -118,8 +141,8 @@ class Rollout(Generator):
 
     def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
         check_config(cfg)
-        super().__init__(cfg.grpo, model_cfg, graphdef, mesh, rules, tokenizer)
-        self.cfg, self.log = cfg, log
+        super().__init__(cfg, cfg.grpo, model_cfg, graphdef, mesh, rules, tokenizer)
+        self.log = log
         self.funcs = load_reward_funcs(cfg.grpo.reward_funcs, cfg.grpo.reward_weights,
                                        required=not cfg.grpo.reward_model)
         self.rm = None
@@ -214,24 +237,10 @@ class Rollout(Generator):
         return batch
 
     # ---- eval: rewards of one completion per held-out prompt (greedy by default)
-    def evaluate(self, params, data) -> dict:
-        it = Batches(data, self.cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
-                     buckets=self.cfg.data.buckets, process_index=jax.process_index(),
-                     process_count=jax.process_count())
-        sums, n = {}, 0.0
-        for i, host in enumerate(it):
-            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
-                break
-            key = jax.random.PRNGKey(self.cfg.seed + 1)
-            ids, mask, tokens, lengths, stopped, texts = self.generate(host, params, self.eval_sp, 1, key)
-            rewards, each = self.score(host, texts, 1, self.sequences(ids, mask, tokens, lengths, stopped, False))
-            w = np.asarray(host["weight"], np.float64)
-            cols = {"reward": np.nan_to_num(rewards), "completions/mean_length": lengths.astype(np.float64),
-                    **{f"rewards/{k}": np.nan_to_num(v) for k, v in each.items()}}
-            for k, v in cols.items():
-                sums[k] = sums.get(k, 0.0) + float(np.sum(v * w))
-            n += float(w.sum())
-        return {f"eval/{k}": v / max(n, 1e-9) for k, v in sums.items()}
+    def eval_columns(self, host, params, generated) -> dict:
+        ids, mask, tokens, lengths, stopped, texts = generated
+        rewards, each = self.score(host, texts, 1, self.sequences(ids, mask, tokens, lengths, stopped, False))
+        return {"reward": rewards, **{f"rewards/{k}": v for k, v in each.items()}}
 
 
 def grpo_setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log):

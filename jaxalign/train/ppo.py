@@ -132,8 +132,8 @@ class Rollout(Generator):
 
     def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
         c = cfg.ppo
-        super().__init__(c, model_cfg, graphdef["actor"], mesh, rules, tokenizer)
-        self.cfg, self.log, self.kl_coef, self.buffer = cfg, log, float(c.kl_coef), []
+        super().__init__(cfg, c, model_cfg, graphdef["actor"], mesh, rules, tokenizer)
+        self.log, self.kl_coef, self.buffer = log, float(c.kl_coef), []
         rm_cfg = models.load_config(c.reward_model, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
         if not rm_cfg.num_labels:
             raise JaxalignError(f"ppo.reward_model {c.reward_model}: not a reward model (no scalar head)")
@@ -189,7 +189,7 @@ class Rollout(Generator):
     def collect(self, host, params, step) -> dict:
         c = self.cfg.ppo
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
-        ids, mask, tokens, lengths, stopped, _ = self.generate(host, params["actor"], self.sp, 1, key)
+        ids, mask, tokens, lengths, stopped, _ = self.generate(host, self.policy(params), self.sp, 1, key)
         rows = self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions)
         dev = mesh_lib.shard_batch(rows, self.mesh, self.rules)
         with jax.set_mesh(self.mesh):
@@ -229,27 +229,16 @@ class Rollout(Generator):
             b["advantages"] = (white[at:at + size].reshape(b["advantages"].shape) * b["action_mask"]).astype(np.float32)
             at += size
 
-    def evaluate(self, params, data) -> dict:
-        """Reward-model score of one completion per held-out prompt (greedy by default)."""
-        from jaxalign.data.pipeline import Batches
-        it = Batches(data, self.cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
-                     buckets=self.cfg.data.buckets, process_index=jax.process_index(),
-                     process_count=jax.process_count())
-        sums, n = {}, 0.0
-        for i, host in enumerate(it):
-            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
-                break
-            ids, mask, tokens, lengths, stopped, _ = self.generate(host, params["actor"], self.eval_sp, 1,
-                                                                   jax.random.PRNGKey(self.cfg.seed + 1))
-            rows = self.sequences(ids, mask, tokens, lengths, stopped, False)
-            dev = mesh_lib.shard_batch(rows, self.mesh, self.rules)
-            with jax.set_mesh(self.mesh):
-                score = self._experience(params["actor"], params["critic"], self.ref_params, self.rm_params, dev)[3]
-            w = np.asarray(host["weight"], np.float64)
-            for k, v in (("score", self.local(score, len(ids))), ("completions/mean_length", lengths)):
-                sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64) * w))
-            n += float(w.sum())
-        return {f"eval/{k}": v / max(n, 1e-9) for k, v in sums.items()}
+    def policy(self, params):
+        return params["actor"]
+
+    def eval_columns(self, host, params, generated) -> dict:
+        """The reward model's score of each held-out completion."""
+        ids, mask, tokens, lengths, stopped, _ = generated
+        dev = mesh_lib.shard_batch(self.sequences(ids, mask, tokens, lengths, stopped, False), self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            score = self._experience(params["actor"], params["critic"], self.ref_params, self.rm_params, dev)[3]
+        return {"score": self.local(score, len(ids))}
 
 
 TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer, pre_step=ppo_pre_step,
