@@ -2,7 +2,6 @@
 rows match the sampler on the rendered prompts, records' extra fields are kept, a killed run (a torn last
 line) resumes to exactly the uninterrupted output, bad input names its file and line."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -91,7 +91,6 @@ def test_kl_to_the_reference_starts_at_zero(assets, tmp_path):
 
 def test_extra_fields_reach_the_reward_and_the_advantages(assets, tmp_path):
     from jaxalign.data import pipeline, templates
-    from jaxalign.models import presets
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import grpo
 
@@ -174,7 +173,7 @@ def test_reward_model_scores_the_rows(assets, tmp_path):
     from jaxalign.data import pipeline, templates
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import grpo
-    from jaxalign.train.reward import sequence_rewards
+    from jaxalign.train.reward import rewards
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Yes?", "chosen": "Yes.", "rejected": "No."}] * 8)
     rm_cfg = make_cfg(assets, tmp_path / "rm", "task=rm", f"data.train_files={pairs}", "train.steps=2",
@@ -190,7 +189,7 @@ def test_reward_model_scores_the_rows(assets, tmp_path):
     out = ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
     rm = models.from_pretrained(str(tmp_path / "rm"))
     assert rm.config.reward_std != 1.0  # the stored normalisation is applied
-    want = np.asarray(sequence_rewards(rm.module(), jnp.asarray(out["input_ids"]), jnp.asarray(out["attention_mask"])))
+    want = np.asarray(rewards(rm.module(), {k: jnp.asarray(out[k]) for k in ("input_ids", "attention_mask")}))
     np.testing.assert_allclose(out["metric/rewards/reward_model"], want, atol=1e-5)
     np.testing.assert_allclose(out["metric/reward"], out["metric/rewards/e_fraction"] + 0.5 * want, atol=1e-5)
     cfg_only = make_cfg(assets, tmp_path / "g2", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_funcs=",

@@ -132,10 +132,16 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
     return adv, (adv + values) * mask
 
 
-def value_loss(values, old_values, returns, mask, *, clip: float = 0.2):
-    """0.5 * masked mean of max((v - R)^2, (clip(v, v_old +- clip) - R)^2): (loss, clipfrac)."""
-    mask = mask.astype(jnp.float32)
+def value_loss_terms(values, old_values, returns, *, clip: float = 0.2):
+    """Per-token (0.5 * max((v - R)^2, (clip(v, v_old +- clip) - R)^2), clipped indicator)."""
     v_clipped = jnp.clip(values, old_values - clip, old_values + clip)
     a, b = (values - returns) ** 2, (v_clipped - returns) ** 2
+    return 0.5 * jnp.maximum(a, b), (b > a).astype(jnp.float32)
+
+
+def value_loss(values, old_values, returns, mask, *, clip: float = 0.2):
+    """The clipped value loss as a masked mean: (loss, clipfrac)."""
+    mask = mask.astype(jnp.float32)
+    loss, clipped = value_loss_terms(values, old_values, returns, clip=clip)
     n = jnp.maximum(jnp.sum(mask), 1.0)
-    return 0.5 * jnp.sum(jnp.maximum(a, b) * mask) / n, jnp.sum((b > a) * mask) / n
+    return jnp.sum(loss * mask) / n, jnp.sum(clipped * mask) / n

@@ -5,7 +5,8 @@ sampler on the live policy params (same arrays, same mesh), scores them with the
 (`grpo.reward_funcs`, weighted sum), turns rewards into sequence advantages (`grpo.estimator`,
 `grpo.scale_rewards`) and takes one optimizer step on the clipped surrogate (+ beta * k3 KL to the
 reference when beta > 0; beta = 0 loads no reference). With num_iterations = mu > 1 the same generations
-serve mu steps, their old log-probs computed once before the first; checkpoints fall on those boundaries.
+serve mu steps; their old log-probs (mu > 1) and reference log-probs (beta > 0) are computed once per
+generation round, in one pass, and ride in the batch. Checkpoints fall on round boundaries.
 
 Log-probs in the loss divide the logits by the sampling temperature (the sampler's own log-probs are of
 that distribution too). Rows are prompt-major (the G samples of a prompt are adjacent). Randomness is
@@ -16,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import JaxalignError, models, sampling
+from jaxalign import JaxalignError, sampling
 from jaxalign.data.pipeline import Batches
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
 from jaxalign.rewards import load_reward_funcs
 from jaxalign.train.loop import Task, initial_params
-from jaxalign.train.reward import sequence_rewards
+from jaxalign.train.reward import FrozenRewardModel
 from jaxalign.train.sft import completion_logprobs
 
 METRIC = "metric/"  # batch columns under this prefix are logged as weighted means
@@ -51,21 +52,26 @@ def grpo_loss(model, batch, rng, cfg, aux):
     c = cfg.grpo
     logp, stats, mask = completion_logprobs(model, batch, cfg, temperature=c.temperature)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
-    ref = None
-    if c.beta:
-        ref_model = nnx.merge(nnx.graphdef(model), aux["ref"])
-        ref = jax.lax.stop_gradient(completion_logprobs(ref_model, batch, cfg, with_stats=False,
-                                                        temperature=c.temperature)[0])
     loss, clipped, kl = P.policy_loss_terms(logp, old, batch["advantages"], clip_eps=c.epsilon,
-                                            clip_eps_high=c.epsilon_high or None, ref_logps=ref,
+                                            clip_eps_high=c.epsilon_high or None, ref_logps=batch.get("ref_logps"),
                                             kl_coef=c.beta, kl_estimator=c.kl_estimator)
     total, denom = P.aggregate(loss, mask, c.aggregation, c.max_completion_length)
     tokens = jnp.sum(mask)
-    w = batch["weight"]
     metrics = {"kl": (jnp.sum(kl * mask), tokens), "clip_ratio": (jnp.sum(clipped * mask), tokens),
-               "entropy": (jnp.sum(stats["entropy"] * mask), tokens)}
-    metrics.update({k[len(METRIC):]: (jnp.sum(v * w), jnp.sum(w)) for k, v in batch.items() if k.startswith(METRIC)})
+               "entropy": (jnp.sum(stats["entropy"] * mask), tokens), **rollout_metrics(batch)}
     return total, denom, metrics
+
+
+def rollout_metrics(batch) -> dict:
+    """The rollout's per-row columns (METRIC/<name>) as weighted means."""
+    w = batch["weight"]
+    return {k[len(METRIC):]: (jnp.sum(v * w), jnp.sum(w)) for k, v in batch.items() if k.startswith(METRIC)}
+
+
+def token_logps(graphdef, params, batch, cfg, temperature):
+    """Completion token log-probs of a (frozen or current) policy under softmax(logits / temperature)."""
+    return completion_logprobs(nnx.merge(graphdef, params), batch, cfg, with_stats=False,
+                               temperature=temperature)[0]
 
 
 class Generator:
@@ -82,10 +88,9 @@ class Generator:
 
     def local(self, x, n):
         """This process's n rows of a global array, on the host."""
-        rank = jax.process_index()
-        return mesh_lib.to_host(x)[rank * n:(rank + 1) * n]
+        return multihost.local_rows(mesh_lib.to_host(x), n)
 
-    def generate(self, host, params, sp, G, key):
+    def generate(self, host, params, sp, G, key, decode: bool = True):
         """Completions of each prompt row repeated G times: (ids, mask, tokens [n, N], lengths, stopped, texts)."""
         ids = np.repeat(host["input_ids"], G, axis=0)
         mask = np.repeat(host["attention_mask"], G, axis=0).astype(bool)
@@ -98,7 +103,7 @@ class Generator:
         n = len(ids)
         tokens, lengths, stopped = (self.local(x, n) for x in (out.tokens, out.lengths, out.stopped_on_eos))
         texts = [self.tok.decode(t[:k - int(s)], skip_special_tokens=True)
-                 for t, k, s in zip(tokens, lengths, stopped)]
+                 for t, k, s in zip(tokens, lengths, stopped)] if decode else None
         return ids, mask, tokens, lengths, stopped, texts
 
     def policy(self, params):
@@ -145,28 +150,18 @@ class Rollout(Generator):
         self.log = log
         self.funcs = load_reward_funcs(cfg.grpo.reward_funcs, cfg.grpo.reward_weights,
                                        required=not cfg.grpo.reward_model)
-        self.rm = None
-        if cfg.grpo.reward_model:  # a frozen reward model scores the rows too (weighted with the functions)
-            rm_cfg = models.load_config(cfg.grpo.reward_model, dtype=model_cfg.dtype,
-                                        param_dtype=model_cfg.param_dtype)
-            if not rm_cfg.num_labels:
-                raise JaxalignError(f"grpo.reward_model {cfg.grpo.reward_model}: not a reward model (no scalar head)")
-            rm_graphdef = models.abstract_params(rm_cfg)[0]
-            self.rm = initial_params(cfg, rm_cfg, mesh, rules, source=cfg.grpo.reward_model)
-            self._rm_score = jax.jit(lambda p, b: sequence_rewards(nnx.merge(rm_graphdef, p), b["input_ids"],
-                                                                   b["attention_mask"]))
+        self.rm = FrozenRewardModel(cfg, cfg.grpo.reward_model, model_cfg, mesh, rules, "grpo.reward_model") \
+            if cfg.grpo.reward_model else None
+        self.ref = initial_params(cfg, model_cfg, mesh, rules, source=cfg.grpo.ref_path or None) \
+            if cfg.grpo.beta else None  # beta = 0: no reference model is loaded
         self.G = cfg.grpo.num_generations
         self.cached = None
-        self._old_logps = jax.jit(lambda params, batch: completion_logprobs(
-            nnx.merge(graphdef, params), batch, cfg, with_stats=False, temperature=cfg.grpo.temperature)[0])
+        T = cfg.grpo.temperature
+        self._frozen_logps = jax.jit(lambda policy, ref, batch: {
+            **({"old_logps": token_logps(graphdef, policy, batch, cfg, T)} if policy is not None else {}),
+            **({"ref_logps": token_logps(graphdef, ref, batch, cfg, T)} if ref is not None else {})})
 
     # ---- scoring
-    def model_score(self, rows) -> np.ndarray:
-        """The reward model's normalised score of each training row (this process's rows)."""
-        dev = mesh_lib.shard_batch({k: rows[k] for k in ("input_ids", "attention_mask")}, self.mesh, self.rules)
-        with jax.set_mesh(self.mesh):
-            return self.local(self._rm_score(self.rm, dev), len(rows["input_ids"]))
-
     def score(self, host, texts, G, rows=None):
         """Weighted reward sum [n] (NaN where no function could score) and each function's rewards. Padding
         rows (weight 0: the end of an eval set) are not shown to the reward functions."""
@@ -186,7 +181,7 @@ class Rollout(Generator):
             scored |= ~np.isnan(r)
             total += w * np.nan_to_num(r)
         if self.rm is not None:
-            r = np.where(np.repeat(np.asarray(host["weight"]) > 0, G), self.model_score(rows), np.nan)
+            r = np.where(np.repeat(np.asarray(host["weight"]) > 0, G), self.rm.score(rows), np.nan)
             each["reward_model"] = r
             scored |= ~np.isnan(r)
             total += self.cfg.grpo.reward_model_weight * np.nan_to_num(r)
@@ -227,12 +222,12 @@ class Rollout(Generator):
                      np.nan_to_num(rewards).reshape(-1, self.G).std(1) == 0, self.G).astype(np.float32)}
         for name, r in each.items():
             batch[f"{METRIC}rewards/{name}"] = np.nan_to_num(r).astype(np.float32)
-        if c.num_iterations > 1:
+        if c.num_iterations > 1 or self.ref is not None:  # once per generation round, one pass
             dev = mesh_lib.shard_batch({k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")},
                                        self.mesh, self.rules)
             with jax.set_mesh(self.mesh):
-                old = self._old_logps(params, dev)
-            batch["old_logps"] = self.local(old, len(ids))
+                out = self._frozen_logps(params if c.num_iterations > 1 else None, self.ref, dev)
+            batch.update({k: self.local(v, len(ids)) for k, v in out.items()})
         self.cached = batch
         return batch
 
@@ -243,13 +238,7 @@ class Rollout(Generator):
         return {"reward": rewards, **{f"rewards/{k}": v for k, v in each.items()}}
 
 
-def grpo_setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log):
-    if not cfg.grpo.beta:
-        return None  # beta = 0: no reference model is loaded
-    return {"ref": initial_params(cfg, model_cfg, mesh, rules, source=cfg.grpo.ref_path or None)}
-
-
-TASK = Task("grpo", grpo_loss, setup=grpo_setup,
+TASK = Task("grpo", grpo_loss,
             batch_keys=None,
             make_rollout=lambda cfg, model_cfg, graphdef, mesh, rules, tok, log: Rollout(
                 cfg, model_cfg, graphdef, mesh, rules, tok, log))

@@ -33,10 +33,10 @@ from jaxalign.data import pipeline
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
-from jaxalign.train.grpo import METRIC, Generator
+from jaxalign.train.grpo import METRIC, Generator, rollout_metrics, token_logps
 from jaxalign.train.loop import Task, initial_params
 from jaxalign.train.optim import make_optimizer, per_model
-from jaxalign.train.reward import last_index, sequence_rewards
+from jaxalign.train.reward import FrozenRewardModel, last_index
 from jaxalign.train.sft import completion_logprobs
 
 
@@ -92,19 +92,14 @@ def ppo_loss(model, batch, rng, cfg, aux):
     actor, critic = model["actor"], model["critic"]
     logp, stats, mask = completion_logprobs(actor, batch, cfg, temperature=c.temperature)
     pg, clipped, _ = P.policy_loss_terms(logp, batch["old_logps"], batch["advantages"], clip_eps=c.clip_eps)
-    values = critic.scores(critic.hidden_states(batch["input_ids"], batch["attention_mask"]))[:, :-1]
-    old_v, ret = batch["old_values"], batch["returns"]
-    v_clipped = jnp.clip(values, old_v - c.value_clip, old_v + c.value_clip)
-    a, b = (values - ret) ** 2, (v_clipped - ret) ** 2
-    vf = 0.5 * jnp.maximum(a, b)
+    vf, v_clipped = P.value_loss_terms(token_values(critic, batch), batch["old_values"], batch["returns"],
+                                       clip=c.value_clip)
     tokens = jnp.sum(mask)
-    w = batch["weight"]
     metrics = {"policy_loss": (jnp.sum(pg * mask), tokens), "value_loss": (jnp.sum(vf * mask), tokens),
                "clip_ratio": (jnp.sum(clipped * mask), tokens),
-               "value_clipfrac": (jnp.sum((b > a) * mask), tokens),
+               "value_clipfrac": (jnp.sum(v_clipped * mask), tokens),
                "approx_kl": (jnp.sum(0.5 * (logp - batch["old_logps"]) ** 2 * mask), tokens),
-               "entropy": (jnp.sum(stats["entropy"] * mask), tokens)}
-    metrics.update({k[len(METRIC):]: (jnp.sum(v * w), jnp.sum(w)) for k, v in batch.items() if k.startswith(METRIC)})
+               "entropy": (jnp.sum(stats["entropy"] * mask), tokens), **rollout_metrics(batch)}
     total = jnp.sum(pg * mask) + c.vf_coef * jnp.sum(vf * mask)
     if "ptx_input_ids" in batch:
         ptx_logp, ptx_mask = completion_logprobs(actor, ptx_rows(batch), cfg, with_stats=False)
@@ -112,6 +107,11 @@ def ppo_loss(model, batch, rng, cfg, aux):
         metrics["ptx_loss"] = (nll, jnp.sum(ptx_mask))
         total = total + c.ptx_coef * nll * batch["ptx_scale"][0]
     return total, tokens, metrics
+
+
+def token_values(critic, batch):
+    """The critic's value of each state before an action token: [B, T-1], aligned with the log-probs."""
+    return critic.scores(critic.hidden_states(batch["input_ids"], batch["attention_mask"]))[:, :-1]
 
 
 def ptx_rows(batch):
@@ -134,23 +134,12 @@ class Rollout(Generator):
         c = cfg.ppo
         super().__init__(cfg, c, model_cfg, graphdef["actor"], mesh, rules, tokenizer)
         self.log, self.kl_coef, self.buffer = log, float(c.kl_coef), []
-        rm_cfg = models.load_config(c.reward_model, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
-        if not rm_cfg.num_labels:
-            raise JaxalignError(f"ppo.reward_model {c.reward_model}: not a reward model (no scalar head)")
-        self.rm_params = initial_params(cfg, rm_cfg, mesh, rules, source=c.reward_model)
+        self.rm = FrozenRewardModel(cfg, c.reward_model, model_cfg, mesh, rules, "ppo.reward_model")
         self.ref_params = initial_params(cfg, model_cfg, mesh, rules, source=c.ref_path or None)
-        rm_graphdef = models.abstract_params(rm_cfg)[0]
         actor_g, critic_g, T = graphdef["actor"], graphdef["critic"], c.temperature
-
-        def experience(actor, critic, ref, rm, batch):
-            ids, attn = batch["input_ids"], batch["attention_mask"]
-            old = completion_logprobs(nnx.merge(actor_g, actor), batch, cfg, with_stats=False, temperature=T)[0]
-            ref_lp = completion_logprobs(nnx.merge(actor_g, ref), batch, cfg, with_stats=False, temperature=T)[0]
-            crit = nnx.merge(critic_g, critic)
-            values = crit.scores(crit.hidden_states(ids, attn))[:, :-1]
-            return old, ref_lp, values, sequence_rewards(nnx.merge(rm_graphdef, rm), ids, attn)
-
-        self._experience = jax.jit(experience)
+        self._experience = jax.jit(lambda actor, critic, ref, batch: (
+            token_logps(actor_g, actor, batch, cfg, T), token_logps(actor_g, ref, batch, cfg, T),
+            token_values(nnx.merge(critic_g, critic), batch)))
         self.ptx = None
         if c.ptx_files:
             if not c.ptx_coef:
@@ -189,13 +178,15 @@ class Rollout(Generator):
     def collect(self, host, params, step) -> dict:
         c = self.cfg.ppo
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
-        ids, mask, tokens, lengths, stopped, _ = self.generate(host, self.policy(params), self.sp, 1, key)
+        ids, mask, tokens, lengths, stopped, _ = self.generate(host, self.policy(params), self.sp, 1, key,
+                                                               decode=False)
         rows = self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions)
         dev = mesh_lib.shard_batch(rows, self.mesh, self.rules)
         with jax.set_mesh(self.mesh):
-            out = self._experience(params["actor"], params["critic"], self.ref_params, self.rm_params, dev)
+            out = self._experience(params["actor"], params["critic"], self.ref_params, dev)
         n = len(ids)
-        old, ref, values, score = (self.local(x, n) for x in out)
+        old, ref, values = (self.local(x, n) for x in out)
+        score = self.rm.score(rows)
         action = rows["completion_mask"][:, 1:].astype(np.float32)
         kl = np.asarray(P.kl_penalty(jnp.asarray(old), jnp.asarray(ref), c.kl_estimator)) * action
         score = np.clip(score, -c.reward_clip, c.reward_clip) - c.missing_eos_penalty * (~stopped)
@@ -235,10 +226,7 @@ class Rollout(Generator):
     def eval_columns(self, host, params, generated) -> dict:
         """The reward model's score of each held-out completion."""
         ids, mask, tokens, lengths, stopped, _ = generated
-        dev = mesh_lib.shard_batch(self.sequences(ids, mask, tokens, lengths, stopped, False), self.mesh, self.rules)
-        with jax.set_mesh(self.mesh):
-            score = self._experience(params["actor"], params["critic"], self.ref_params, self.rm_params, dev)[3]
-        return {"score": self.local(score, len(ids))}
+        return {"score": self.rm.score(self.sequences(ids, mask, tokens, lengths, stopped, False))}
 
 
 TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer, pre_step=ppo_pre_step,

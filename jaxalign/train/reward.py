@@ -10,17 +10,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import JaxalignError, models
 from jaxalign.data.pipeline import stack_pairs
 from jaxalign.losses.reward import reward_losses
-from jaxalign.train.loop import Task, evaluate
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.parallel import multihost
+from jaxalign.train.loop import Task, evaluate, initial_params
 
 
 def last_token_scores(model, rows):
     """The scalar head at each row's last real token: [rows]."""
     hidden = model.hidden_states(rows["input_ids"], rows["attention_mask"])
-    scores = model.scores(hidden)
-    last = jnp.maximum(jnp.sum(rows["attention_mask"], axis=1) - 1, 0)
-    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+    return jnp.take_along_axis(model.scores(hidden), last_index(rows["attention_mask"])[:, None], axis=1)[:, 0]
 
 
 def last_index(mask):
@@ -31,15 +32,27 @@ def last_index(mask):
     return jnp.where(jnp.any(mask > 0, axis=-1), T - 1 - flipped, 0)
 
 
-def sequence_rewards(model, input_ids, attention_mask):
-    """A reward model's normalised score of rows padded on either side (RL rollouts are left-padded)."""
-    scores = model.scores(model.hidden_states(input_ids, attention_mask))
-    score = jnp.take_along_axis(scores, last_index(attention_mask)[:, None], axis=1)[:, 0]
-    return (score - model.config.reward_mean) / model.config.reward_std
+class FrozenRewardModel:
+    """A reward model (jaxalign RM or HF *ForSequenceClassification directory) held frozen for online RL:
+    score(rows) gives this process's rows' normalised scores (numpy), one jitted forward per call."""
+
+    def __init__(self, cfg, path: str, model_cfg, mesh, rules, field: str):
+        rm_cfg = models.load_config(path, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+        if not rm_cfg.num_labels:
+            raise JaxalignError(f"{field} {path}: not a reward model (no scalar head)")
+        graphdef = models.abstract_params(rm_cfg)[0]
+        self.params, self.mesh, self.rules = initial_params(cfg, rm_cfg, mesh, rules, source=path), mesh, rules
+        self._score = jax.jit(lambda p, b: rewards(nnx.merge(graphdef, p), b))
+
+    def score(self, rows):
+        dev = mesh_lib.shard_batch({k: rows[k] for k in ("input_ids", "attention_mask")}, self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            out = self._score(self.params, dev)
+        return multihost.local_rows(mesh_lib.to_host(out), len(rows["input_ids"]))
 
 
 def rewards(model, rows):
-    """Rewards of right-padded rows, normalised with the model's stored statistics (if any)."""
+    """Rewards of rows (padded on either side), normalised with the model's stored statistics (if any)."""
     cfg = model.config
     return (last_token_scores(model, rows) - cfg.reward_mean) / cfg.reward_std
 
