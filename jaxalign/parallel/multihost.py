@@ -22,14 +22,21 @@ CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
 _initialized = False
 
 
+DEFAULTS = {"coordinator_address": "", "num_processes": 0, "process_id": -1, "timeout_s": 300}
+
+
+def _section(section) -> dict:
+    return {**DEFAULTS, **({k: section[k] for k in DEFAULTS if k in section} if section is not None else {})}
+
+
 def settings(section=None) -> dict:
     """The explicit (address, count, id) from the config section or the environment, or {} for none."""
-    get = (lambda k: section[k]) if section is not None else (lambda k: None)
-    address = (get("coordinator_address") if section is not None else "") or os.environ.get(ENV[0], "")
+    s = _section(section)
+    address = s["coordinator_address"] or os.environ.get(ENV[0], "")
     if not address:
         return {}
-    count = (get("num_processes") if section is not None else 0) or os.environ.get(ENV[1])
-    pid = get("process_id") if section is not None and get("process_id") >= 0 else os.environ.get(ENV[2])
+    count = s["num_processes"] or os.environ.get(ENV[1])
+    pid = s["process_id"] if s["process_id"] >= 0 else os.environ.get(ENV[2])
     if count in (None, "") or pid in (None, ""):
         raise JaxalignError(f"distributed: coordinator {address} given without num_processes and process_id "
                             f"(config distributed.* or {ENV[1]}/{ENV[2]})")
@@ -37,7 +44,10 @@ def settings(section=None) -> dict:
 
 
 def cluster_detected() -> bool:
-    return any(k in os.environ and os.environ.get("SLURM_NTASKS", "2") != "1" for k in CLUSTER_HINTS)
+    """A launcher JAX can read its process layout from: SLURM with more than one task, Open MPI, a TPU pod."""
+    if "SLURM_JOB_ID" in os.environ:
+        return os.environ.get("SLURM_NTASKS", "2") != "1"
+    return any(k in os.environ for k in CLUSTER_HINTS[1:])
 
 
 def initialize(section=None, log=print) -> bool:
@@ -48,7 +58,7 @@ def initialize(section=None, log=print) -> bool:
     explicit = settings(section)
     if not explicit and not cluster_detected():
         return False
-    timeout = int(section["timeout_s"]) if section is not None else 300
+    timeout = int(_section(section)["timeout_s"])
     # CPU collectives across processes (only the CPU backend reads it; harmless on GPU/TPU)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit and explicit["process_id"] != 0:

@@ -5,19 +5,15 @@ but one real data batch, and no run directory is written."""
 import jax
 
 from jaxalign import JaxalignError
-from jaxalign.data import pipeline, templates
+from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import memory
 from jaxalign.train import state as state_lib
-from jaxalign.train.loop import _abstract, device_batch, make_train_step, model_config
-from jaxalign.train.optim import make_optimizer
+from jaxalign.train.loop import device_batch, load_tokenizer, make_train_step, micro_batching, model_config, state_spec
 
 
 def dry_run(cfg, task, log=print) -> dict:
-    tok_dir = pipeline.tokenizer_dir(cfg)
-    if not tok_dir:
-        raise JaxalignError("tokenizer.path is not set (and there is no model.path to take it from)")
-    tokenizer = templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
+    _, tokenizer = load_tokenizer(cfg)
     model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
     est = memory.estimate(cfg, model_cfg, jax.device_count())
     log(memory.report(est))
@@ -39,15 +35,12 @@ def dry_run(cfg, task, log=print) -> dict:
     data = pipeline.prepare_from_config(cfg, "train", tokenizer, log=log)
     if data is None:
         raise JaxalignError("data.train_files is not set (the dry run compiles on one real batch)")
-    B = cfg.train.batch_size
-    mb = cfg.train.micro_batch_size or B
+    B, mb = micro_batching(cfg)
     host = next(pipeline.Batches(data, B, seed=cfg.seed, packing=cfg.data.packing, buckets=cfg.data.buckets,
                                  process_index=jax.process_index(), process_count=jax.process_count()))
-    graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
-    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_lib.state_shardings(tx, params_abs, params_sh, mesh)
+    graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, None, mesh, rules)
     state = state_lib.abstract_state(tx, params_abs, shardings)
-    aux = {"ref": mesh_lib.abstract_with_shardings(params_abs, params_sh)} if task.setup else None
+    aux = {"ref": mesh_lib.abstract_with_shardings(params_abs, shardings["params"])} if task.setup else None
     step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb), out_shardings=(shardings, None),
                    donate_argnums=0)
     with jax.set_mesh(mesh):

@@ -240,30 +240,17 @@ def train(cfg, task: Task, log=print) -> RunResult:
         log(f"resuming from step {start}")  # the first line of a resumed run's output
     mesh = mesh_lib.make_mesh(cfg.mesh.shape)
     rules = mesh_lib.normalize_rules(cfg.mesh.rules)
-    tok_dir = pipeline.tokenizer_dir(cfg)
-    if not tok_dir:
-        raise JaxalignError("tokenizer.path is not set (and there is no model.path to take it from)")
-    tokenizer = templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
+    tok_dir, tokenizer = load_tokenizer(cfg)
     train_data = pipeline.prepare_from_config(cfg, "train", tokenizer, log=log)
     if train_data is None:
         raise JaxalignError("data.train_files is not set")
     eval_data = pipeline.prepare_from_config(cfg, "eval", tokenizer, log=log)
     model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
 
-    B = cfg.train.batch_size
-    mb = cfg.train.micro_batch_size or B
-    if B % mb:
-        raise JaxalignError(f"train.batch_size {B} is not a multiple of train.micro_batch_size {mb}")
+    B, mb = micro_batching(cfg)
     specs = task.models(cfg, model_cfg) if task.models else None
-    if specs:
-        graphdef, params_abs, params_sh = {}, {}, {}
-        for name, (mc, _) in specs.items():
-            graphdef[name], params_abs[name], params_sh[name] = _abstract(mc, mesh, rules)
-        policy = next(iter(specs))
-    else:
-        graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
-    tx, lr_fn = (task.optimizer or (lambda c, n, _: make_optimizer(c.optim, n)))(cfg, cfg.train.steps, params_abs)
-    shardings = state_lib.state_shardings(tx, params_abs, params_sh, mesh)
+    policy = next(iter(specs)) if specs else None
+    graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, specs, mesh, rules)
 
     ckpt = checkpoint.RunCheckpoints(cfg.run_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
     it = pipeline.Batches(train_data, B, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
@@ -359,6 +346,35 @@ def train(cfg, task: Task, log=print) -> RunResult:
 
 def host_len(host: dict) -> int:
     return max(v.shape[1] for k, v in host.items() if isinstance(v, np.ndarray) and k.endswith("input_ids"))
+
+
+def load_tokenizer(cfg):
+    """(tokenizer directory, tokenizer) of a config: tokenizer.path, else the model it starts from."""
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    if not tok_dir:
+        raise JaxalignError("tokenizer.path is not set (and there is no model.path to take it from)")
+    return tok_dir, templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
+
+
+def micro_batching(cfg):
+    B = cfg.train.batch_size
+    mb = cfg.train.micro_batch_size or B
+    if B % mb:
+        raise JaxalignError(f"train.batch_size {B} is not a multiple of train.micro_batch_size {mb}")
+    return B, mb
+
+
+def state_spec(cfg, task, model_cfg, specs, mesh, rules):
+    """(graphdef, abstract params, optimizer, lr schedule, state shardings) of a run: nothing allocated.
+    With `specs` (multi-model tasks) graphdefs and params are dicts by model name."""
+    if specs:
+        graphdef, params_abs, params_sh = {}, {}, {}
+        for name, (mc, _) in specs.items():
+            graphdef[name], params_abs[name], params_sh[name] = _abstract(mc, mesh, rules)
+    else:
+        graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
+    tx, lr_fn = (task.optimizer or (lambda c, n, _: make_optimizer(c.optim, n)))(cfg, cfg.train.steps, params_abs)
+    return graphdef, params_abs, tx, lr_fn, state_lib.state_shardings(tx, params_abs, params_sh, mesh)
 
 
 def _abstract(model_cfg, mesh, rules):
