@@ -22,10 +22,11 @@ import pytest
 from flax import nnx
 
 from jaxalign import JaxalignError, checkpoint, models
-from jaxalign.config import apply_overrides, base_config, load_config
+from jaxalign.config import load_config
 from jaxalign.data import pipeline
 from jaxalign.train.loop import NonFiniteError, Task, read_metrics, train
 from jaxalign.train.sft import TASK as SFT, sft_loss
+from tests.configs_util import tiny_config
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 12
@@ -57,30 +58,11 @@ def assets(tmp_path_factory):
 
 
 def make_cfg(assets, run_dir, *overrides, **fields):
-    """The shared tiny SFT config; `fields` as section__key=value, `overrides` as 'a.b=value' strings."""
-    c = base_config()
-    c.task = "sft"
-    c.run_dir = str(run_dir)
-    c.model.preset = "tiny"
-    c.model.dtype = "float32"
-    c.tokenizer.path = assets["tokenizer"]
-    c.data.train_files = assets["train"]
-    c.data.max_length = 32
-    c.data.cache_dir = assets["cache"]
-    c.optim.lr = 3e-3
-    c.optim.schedule = "constant"
-    c.train.steps = STEPS
-    c.train.batch_size = 8
-    c.train.micro_batch_size = 8
-    c.train.log_every = 1
-    c.train.progress = False
-    for k, v in fields.items():
-        section, key = k.split("__")
-        if section == "root":
-            c[key] = v
-        else:
-            c[section][key] = v
-    return apply_overrides(c, overrides)
+    """The shared tiny SFT config; `fields` as section__key=value (root__key for top-level keys), `overrides`
+    as 'a.b=value' strings."""
+    fields = {k.replace("root__", ""): v for k, v in fields.items()}
+    return tiny_config("sft", run_dir, assets["tokenizer"], assets["train"], assets["cache"], *overrides,
+                       optim__lr=3e-3, train__steps=STEPS, train__batch_size=8, train__micro_batch_size=8, **fields)
 
 
 def quiet(*_):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jaxalign import JaxalignError
-from jaxalign.config import apply_overrides, base_config
 from jaxalign.train import get_task, loop
 from jaxalign.train.loop import read_metrics, train
+from tests.configs_util import tiny_config
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 GRPO = get_task("grpo")
@@ -27,26 +27,10 @@ def assets(tmp_path_factory):
 
 
 def make_cfg(assets, run_dir, *overrides):
-    c = base_config()
-    c.task = "grpo"
-    c.run_dir = str(run_dir)
-    c.model.preset = "tiny"
-    c.model.dtype = "float32"
-    c.tokenizer.path = assets["tokenizer"]
-    c.data.train_files = assets["train"]
-    c.data.max_length = 32
-    c.data.cache_dir = assets["cache"]
-    c.optim.lr = 1e-2
-    c.optim.schedule = "constant"
-    c.train.steps = STEPS
-    c.train.batch_size = 4
-    c.train.log_every = 1
-    c.train.progress = False
-    c.checkpoint.async_save = False
-    c.grpo.num_generations = 4
-    c.grpo.max_completion_length = 8
-    c.grpo.reward_funcs = "tests.grpo_rewards:e_fraction"
-    return apply_overrides(c, overrides)
+    return tiny_config("grpo", run_dir, assets["tokenizer"], assets["train"], assets["cache"], *overrides,
+                       optim__lr=1e-2, train__steps=STEPS, train__batch_size=4, checkpoint__async_save=False,
+                       grpo__num_generations=4, grpo__max_completion_length=8,
+                       grpo__reward_funcs="tests.grpo_rewards:e_fraction")
 
 
 def quiet(*_):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from jaxalign import JaxalignError, models
-from jaxalign.config import apply_overrides, base_config
 from jaxalign.train import get_task, loop
 from jaxalign.train.loop import read_metrics, train
 from jaxalign.train.ppo import shape_rewards
 from jaxalign.train.reward import last_index
+from tests.configs_util import tiny_config
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 4
@@ -45,31 +45,14 @@ def quiet(*_):
     pass
 
 
-def base(assets, run_dir, task):
-    c = base_config()
-    c.task = task
-    c.run_dir = str(run_dir)
-    c.model.preset = "tiny"
-    c.model.dtype = "float32"
-    c.tokenizer.path = assets["tokenizer"]
-    c.data.max_length = 32
-    c.data.cache_dir = assets["cache"]
-    c.optim.lr = 1e-2
-    c.optim.schedule = "constant"
-    c.train.batch_size = 4
-    c.train.log_every = 1
-    c.train.progress = False
-    c.checkpoint.async_save = False
-    return c
+def base(assets, run_dir, task, train_files="", *overrides, **fields):
+    return tiny_config(task, run_dir, assets["tokenizer"], train_files, assets["cache"], *overrides, optim__lr=1e-2,
+                       train__batch_size=4, checkpoint__async_save=False, **fields)
 
 
 def make_cfg(assets, run_dir, *overrides):
-    c = base(assets, run_dir, "ppo")
-    c.data.train_files = assets["prompts"]
-    c.train.steps = STEPS
-    c.ppo.reward_model = assets["rm"]
-    c.ppo.max_completion_length = 8
-    return apply_overrides(c, overrides)
+    return base(assets, run_dir, "ppo", assets["prompts"], *overrides, train__steps=STEPS,
+                ppo__reward_model=assets["rm"], ppo__max_completion_length=8)
 
 
 def run(assets, run_dir, *overrides):

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 
 from jaxalign import JaxalignError, models
-from jaxalign.config import apply_overrides, base_config
 from jaxalign.data import pipeline, templates
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import get_task, loop
 from jaxalign.train.loop import read_metrics, train
 from jaxalign.train.preference import parse_loss_types
 from jaxalign.train.reward import last_token_scores
+from tests.configs_util import tiny_config
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 10
@@ -86,24 +86,9 @@ def assets(tmp_path_factory):
 
 
 def make_cfg(assets, run_dir, task, *overrides):
-    c = base_config()
-    c.task = task
-    c.run_dir = str(run_dir)
-    c.model.preset = "tiny"
-    c.model.dtype = "float32"
-    c.tokenizer.path = assets["tokenizer"]
-    c.data.train_files = assets["kto"] if task == "kto" else assets["pref"]
-    c.data.max_length = 32
-    c.data.cache_dir = assets["cache"]
-    c.optim.lr = 3e-3
-    c.optim.schedule = "constant"
-    c.train.steps = STEPS
-    c.train.batch_size = 8
-    c.train.micro_batch_size = 8
-    c.train.log_every = 1
-    c.train.progress = False
-    c.checkpoint.async_save = False
-    return apply_overrides(c, overrides)
+    return tiny_config(task, run_dir, assets["tokenizer"], assets["kto"] if task == "kto" else assets["pref"],
+                       assets["cache"], *overrides, optim__lr=3e-3, train__steps=STEPS, train__batch_size=8,
+                       train__micro_batch_size=8, checkpoint__async_save=False)
 
 
 def quiet(*_):
