@@ -37,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
                    log_every=10, max_nonfinite_steps=10, logprob_chunk=128, peak_flops=0.0, progress=True)
     c.checkpoint = dict(every=0, max_to_keep=3, export_hf=False, async_save=True)
     c.init_from = ""
+    # LoRA (jaxalign/lora.py): rank 0 = full fine-tuning. targets/trainable are regexes searched in parameter
+    # paths ("layers/q/kernel", "final_norm/scale"); the frozen base is stored in base_dtype (int8 = weight-only
+    # quantised); init_from = a PEFT adapter directory to continue from.
+    c.lora = dict(rank=0, alpha=16.0, dropout=0.0, targets=r"layers/(q|k|v|o|gate|up|down)/kernel", trainable="",
+                  base_dtype="bfloat16", init_from="")
     # Task sections (names and defaults as TRL where it has them).
     c.rm = dict(center_coef=0.0, normalize_reward=False)
     c.dpo = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0, ref_path="",

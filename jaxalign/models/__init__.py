@@ -36,8 +36,10 @@ def _dtype_name(d) -> Optional[str]:
 
 
 def abstract_params(cfg: ModelConfig):
-    """(graphdef, abstract nnx.State) without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    """(graphdef, abstract nnx.State) without allocating anything; callable anywhere, also inside a traced
+    step under a mesh (an empty abstract mesh keeps NNX from resolving the logical axis names)."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
 
 
 def _target(cfg, mesh, rules):
@@ -132,23 +134,30 @@ def load_config(path: str, **runtime) -> ModelConfig:
     native = os.path.join(path, NATIVE_CONFIG)
     if not os.path.isfile(native):
         return hf.config_from_hf(path, **runtime)
-    try:
-        return ModelConfig.from_dict(hf.read_json(native)).replace(**runtime)
+    try:  # a LoRA run loads merged: its model is the base architecture
+        return ModelConfig.from_dict(hf.read_json(native)).without_lora().replace(**runtime)
     except (ValueError, TypeError) as e:
         raise JaxalignError(f"{native}: {e}") from None
 
 
 def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Optional[Mesh] = None, rules=None,
                     remat: Optional[str] = None, attention_impl: Optional[str] = None,
-                    num_labels: Optional[int] = None, log=print) -> LM:
+                    num_labels: Optional[int] = None, adapter: Optional[str] = None, log=print) -> LM:
     """Load an HF directory (config.json + safetensors) or a jaxalign model directory onto `mesh`
     (default: one device), each tensor streamed into its target sharding.
 
     dtype: compute dtype (default float32); param_dtype: default = the checkpoint's dtype (bf16 stays bf16).
     num_labels=1 adds a freshly initialised scalar head (reward/value model) when the checkpoint has none.
+    adapter: a PEFT LoRA directory merged into the loaded weights. A jaxalign LoRA run directory loads as
+    its base with the run's latest adapters merged.
     """
     if not os.path.isdir(path):
         raise JaxalignError(f"{path}: model directory not found")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, remat=remat,
+              attention_impl=attention_impl, num_labels=num_labels, log=log)
+    from jaxalign import lora
+    if adapter is not None or os.path.isfile(os.path.join(path, lora.RUN_FILE)):
+        return _with_adapters(path, adapter, kw)
     mesh, rules = _default_mesh(mesh), mesh_lib.normalize_rules(rules)
     cfg = load_config(path, dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype), remat=remat,
                       attention_impl=attention_impl)
@@ -174,3 +183,28 @@ def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Optional[M
         pure["score"] = _init_score_head(cfg, mesh, rules)
         graphdef, abs_state, _ = _target(cfg, mesh, rules)
     return LM(cfg, graphdef, _as_state(abs_state, pure), mesh, rules, source=path)
+
+
+def _with_adapters(path: str, adapter: Optional[str], kw: dict) -> LM:
+    """A base model with LoRA adapters merged in: a PEFT directory (`adapter`) or a jaxalign LoRA run."""
+    from jaxalign import checkpoint, lora
+    from jaxalign.convert import hf
+    if adapter is None:  # a LoRA run directory: its base, and the adapters of its latest checkpoint
+        info = hf.read_json(os.path.join(path, lora.RUN_FILE))
+        base = from_pretrained(info["base"], **kw)
+        adapted = ModelConfig.from_dict(hf.read_json(os.path.join(path, NATIVE_CONFIG))).replace(
+            **{k: getattr(base.config, k) for k in RUNTIME_FIELDS})
+        _, abs_state = abstract_params(adapted)
+        s = lora.LoraSpec(**{k: v for k, v in info.items() if k != "base"})
+        shardings = lora.trainable(nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, base.mesh, base.rules)), s)
+        target = mesh_lib.abstract_with_shardings(lora.trainable(nnx.to_pure_dict(abs_state), s), shardings)
+        trained = checkpoint.restore_run_params(path, target)
+        source = path
+    else:
+        if not lora.is_peft_dir(adapter):
+            raise JaxalignError(f"{adapter}: not a PEFT adapter directory ({lora.PEFT_CONFIG} not found)")
+        base = from_pretrained(path, **kw)
+        adapted, trained = lora.load_peft(adapter, base.config, base.mesh, base.rules)
+        source = path
+    cfg, params = lora.merge(adapted, lora.combine(base.pure_params(), trained), dtype=base.config.weights_dtype)
+    return LM(cfg, abstract_params(cfg)[0], params, base.mesh, base.rules, source=source)

@@ -45,6 +45,13 @@ class ModelConfig:
     eos_token_id: Optional[object] = None  # int or tuple of ints
     pad_token_id: Optional[int] = None
     initializer_range: float = 0.02
+    # LoRA (jaxalign/lora.py): adapters lora_a [*in, r], lora_b [r, *out] on the Linear modules named in
+    # lora_targets (module paths such as "layers/q"); y = x W + (alpha / r) * (x A) B. Rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple = ()
+    # Frozen block weights stored as int8 with a float32 scale per output channel (weight-only quantisation).
+    quantized: bool = False
     # Runtime choices (not architecture): compute dtype, parameter dtype, rematerialisation, attention kernel.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -74,6 +81,14 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
     @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def without_lora(self) -> "ModelConfig":
+        """The base model's config: no adapters, no quantisation."""
+        return self.replace(lora_rank=0, lora_alpha=0.0, lora_targets=(), quantized=False)
+
+    @property
     def rope_parameters(self) -> dict:
         return dict(self.rope_scaling or ())
 
@@ -94,6 +109,7 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = freeze_dict(d.get("rope_scaling"))
         d["layer_windows"] = tuple(d.get("layer_windows") or ())
+        d["lora_targets"] = tuple(d.get("lora_targets") or ())
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
         return cls(**d)

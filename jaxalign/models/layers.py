@@ -19,6 +19,8 @@ def param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init="normal", std=0.02)
     assert len(shape) == len(axes), (shape, axes)
     if init == "normal":
         value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "uniform":  # U(-std, std)
+        value = jax.random.uniform(rngs.params(), shape, dtype, -std, std)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
@@ -27,14 +29,30 @@ def param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init="normal", std=0.02)
 
 
 class Linear(nnx.Module):
-    """kernel[*lead, *in, *out] (+ bias[*lead, *out]); `lead` is the stacked-layers dim when present."""
+    """kernel[*lead, *in, *out] (+ bias[*lead, *out]); `lead` is the stacked-layers dim when present.
 
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias, dtype, rngs, std=0.02, layers=None):
+    lora_rank > 0 adds adapters lora_a[*lead, *in, r] (U(-1/sqrt(in), 1/sqrt(in)), as PEFT's kaiming init)
+    and lora_b[*lead, r, *out] (zeros, so the adapted model starts as the base), sharded along their base
+    weight's axes. `quantized`: an int8 kernel with a float32 scale per output channel (kernel_scale)."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias, dtype, rngs, std=0.02, layers=None,
+                 lora_rank=0, quantized=False):
         lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
-        self.kernel = param(rngs, lead + tuple(in_shape) + tuple(out_shape),
-                            lead_axes + tuple(in_axes) + tuple(out_axes), dtype, std=std)
+        shape, axes = lead + tuple(in_shape) + tuple(out_shape), lead_axes + tuple(in_axes) + tuple(out_axes)
+        if quantized:
+            self.kernel = param(None, shape, axes, jnp.int8, init="zeros")
+            self.kernel_scale = param(None, lead + tuple(out_shape), lead_axes + tuple(out_axes), jnp.float32,
+                                      init="ones")
+        else:
+            self.kernel = param(rngs, shape, axes, dtype, std=std)
         if bias:
             self.bias = param(rngs, lead + tuple(out_shape), lead_axes + tuple(out_axes), dtype, init="zeros")
+        if lora_rank:
+            n_in = math.prod(in_shape)
+            self.lora_a = param(rngs, lead + tuple(in_shape) + (lora_rank,), lead_axes + tuple(in_axes) + (None,),
+                                dtype, init="uniform", std=1.0 / math.sqrt(n_in))
+            self.lora_b = param(None, lead + (lora_rank,) + tuple(out_shape), lead_axes + (None,) + tuple(out_axes),
+                                dtype, init="zeros")
 
 
 class Norm(nnx.Module):
@@ -61,12 +79,43 @@ def norm(p: dict, x, kind: str, eps: float):
 
 
 def dense(p: dict, x, contract: int = 1):
-    """x[..., *in] @ kernel[*in, *out] (+ bias); `contract` = number of input dims of the kernel."""
+    """x[..., *in] @ kernel[*in, *out] (+ bias); `contract` = number of input dims of the kernel.
+    With LoRA adapters (lora_b already multiplied by alpha/r, see `prepare_weights`): + (x A) B.
+    Dropout on the adapters' input, when `p` carries a `lora_dropout` (rate, key) pair."""
     k = p["kernel"]
     in_letters = "abcd"[:contract]
     out_letters = "wxyz"[: k.ndim - contract]
     y = jnp.einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x, k)
+    if "lora_a" in p:
+        xa = x
+        if "lora_dropout" in p:
+            rate, key = p["lora_dropout"]
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            xa = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        h = jnp.einsum(f"...{in_letters},{in_letters}r->...r", xa, p["lora_a"])
+        y = y + jnp.einsum(f"...r,r{out_letters}->...{out_letters}", h, p["lora_b"])
     return y + p["bias"] if "bias" in p else y
+
+
+def prepare_weights(p: dict, dtype, lora_scale: float = 0.0):
+    """One module's (or one layer's) weights for compute: cast to `dtype`, int8 kernels dequantised with their
+    per-channel scale, LoRA's alpha/r folded into lora_b (r x out, cheap). Done per layer inside the scan so
+    a low-precision frozen stack is never materialised whole in compute precision."""
+    if not isinstance(p, dict):
+        return p.astype(dtype)
+    out = {}
+    for name, v in p.items():
+        if name == "kernel_scale":
+            continue
+        if isinstance(v, dict):
+            out[name] = prepare_weights(v, dtype, lora_scale)
+        elif name == "kernel" and "kernel_scale" in p:
+            out[name] = (v.astype(jnp.float32) * p["kernel_scale"]).astype(dtype)
+        elif name == "lora_b":
+            out[name] = (v.astype(jnp.float32) * lora_scale).astype(dtype)
+        else:
+            out[name] = v.astype(dtype)
+    return out
 
 
 ACTIVATIONS = {

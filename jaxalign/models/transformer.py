@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import (KVCache, Linear, Norm, apply_rope, attention, dense, make_mask, mlp,
-                                    norm, param, rope_inv_freq, rope_tables)
+                                    norm, param, prepare_weights, rope_inv_freq, rope_tables)
 from jaxalign.parallel.mesh import constrain
 
 REMAT = {
@@ -31,17 +31,18 @@ class Blocks(nnx.Module):
         L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt, std = cfg.weights_dtype, cfg.initializer_range
-        kw = dict(dtype=dt, rngs=rngs, std=std, layers=L)
+        kw = dict(dtype=dt, rngs=rngs, std=std, layers=L, quantized=cfg.quantized)
+        lora = lambda name: dict(lora_rank=cfg.lora_rank if f"layers/{name}" in cfg.lora_targets else 0)
         self.attn_norm = Norm(D, kind=cfg.norm, dtype=dt, layers=L)
-        self.q = Linear((D,), (N, H), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.k = Linear((D,), (K, H), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.v = Linear((D,), (K, H), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.o = Linear((N, H), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.o_bias, **kw)
+        self.q = Linear((D,), (N, H), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, **kw, **lora("q"))
+        self.k = Linear((D,), (K, H), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw, **lora("k"))
+        self.v = Linear((D,), (K, H), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw, **lora("v"))
+        self.o = Linear((N, H), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.o_bias, **kw, **lora("o"))
         self.mlp_norm = Norm(D, kind=cfg.norm, dtype=dt, layers=L)
         if cfg.gated_mlp:
-            self.gate = Linear((D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, **kw)
-        self.up = Linear((D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, **kw)
-        self.down = Linear((F,), (D,), ("mlp",), ("embed",), bias=cfg.mlp_bias, **kw)
+            self.gate = Linear((D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, **kw, **lora("gate"))
+        self.up = Linear((D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, **kw, **lora("up"))
+        self.down = Linear((F,), (D,), ("mlp",), ("embed",), bias=cfg.mlp_bias, **kw, **lora("down"))
 
 
 def block(cfg: ModelConfig, p: dict, x, rope, mask, dist, window, kv=None, index=None):
@@ -94,13 +95,26 @@ class CausalLM(nnx.Module):
         self.final_norm = Norm(D, kind=cfg.norm, dtype=dt)
         if cfg.lm_head and not cfg.tie_word_embeddings:
             self.lm_head = Linear((D,), (cfg.vocab_size,), ("embed",), ("vocab",), bias=False, dtype=dt,
-                                  rngs=rngs, std=cfg.initializer_range)
+                                  rngs=rngs, std=cfg.initializer_range,
+                                  lora_rank=cfg.lora_rank if "lm_head" in cfg.lora_targets else 0)
+        # (rate, key) while training with LoRA dropout; set by the train step on its own copy of the model.
+        self.lora_dropout = None
         if cfg.num_labels:
             self.score = Linear((D,), (cfg.num_labels,), ("embed",), ("labels",), bias=False, dtype=dt,
                                 rngs=rngs, std=cfg.initializer_range)
 
     def _weights(self, module):
-        return jax.tree.map(lambda a: a.astype(self.config.compute_dtype), nnx.to_pure_dict(nnx.state(module)))
+        return prepare_weights(nnx.to_pure_dict(nnx.state(module)), self.config.compute_dtype, self.config.lora_scale)
+
+    def _layer_weights(self, p, layer):
+        """One layer's weights for compute (inside the scan), with this layer's LoRA dropout key."""
+        p = prepare_weights(p, self.config.compute_dtype, self.config.lora_scale)
+        if self.lora_dropout is not None:
+            rate, key = self.lora_dropout
+            key = jax.random.fold_in(key, layer)
+            p = {k: {**v, "lora_dropout": (rate, jax.random.fold_in(key, i))} if "lora_a" in v else v
+                 for i, (k, v) in enumerate(sorted(p.items()))}
+        return p
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
                       cache: Optional[KVCache] = None):
@@ -134,15 +148,16 @@ class CausalLM(nnx.Module):
             mask, dist = make_mask(index + jnp.arange(T), jnp.arange(cache.mask.shape[1]), key_valid)
         windows = jnp.asarray(np.asarray(cfg.layer_windows or (0,) * cfg.num_layers, np.int32))
 
-        weights = self._weights(self.layers)
+        weights = nnx.to_pure_dict(nnx.state(self.layers))
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if cache is None:
             def body(x, xs):
-                p, window = xs
-                return block(cfg, p, x, rope, mask, dist, window)[0], None
+                p, window, layer = xs
+                return block(cfg, self._layer_weights(p, layer), x, rope, mask, dist, window)[0], None
 
             if cfg.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, (weights, windows))
+            x, _ = jax.lax.scan(body, x, (weights, windows, layers))
             return norm(self._weights(self.final_norm), x, cfg.norm, cfg.norm_eps)
 
         # Decoding: the cache rides in the carry and each layer writes its new slots in place (as xs/ys the
@@ -150,10 +165,9 @@ class CausalLM(nnx.Module):
         def cached_body(carry, xs):
             x, K, V = carry
             p, window, layer = xs
-            x, (K, V) = block(cfg, p, x, rope, mask, dist, window, (K, V, layer), index)
+            x, (K, V) = block(cfg, self._layer_weights(p, layer), x, rope, mask, dist, window, (K, V, layer), index)
             return (x, K, V), None
 
-        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, K, V), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (weights, windows, layers))
         x = norm(self._weights(self.final_norm), x, cfg.norm, cfg.norm_eps)
         return x, KVCache(K, V, key_valid, index + T)
@@ -164,7 +178,10 @@ class CausalLM(nnx.Module):
             raise ValueError("this model has no LM head (it was built as a reward/value model)")
         if self.config.tie_word_embeddings:
             return self.embed[...].astype(self.config.compute_dtype).T
-        return self.lm_head.kernel[...].astype(self.config.compute_dtype)
+        p = self._weights(self.lm_head)
+        if "lora_a" in p:  # merged: the head is used as one [D, V] matrix by the chunked log-probs
+            return p["kernel"] + p["lora_a"] @ p["lora_b"]
+        return p["kernel"]
 
     def logits(self, hidden):
         out = hidden @ self.head_kernel()

@@ -23,7 +23,8 @@ from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
 from jaxalign.rewards import load_reward_funcs
-from jaxalign.train.loop import Task, initial_params
+from jaxalign import lora
+from jaxalign.train.loop import Task, reference_params
 from jaxalign.train.reward import FrozenRewardModel
 from jaxalign.train.sft import completion_logprobs
 
@@ -144,7 +145,7 @@ class Generator:
 class Rollout(Generator):
     """Generation, scoring and advantages on the host side of each step (Task.make_rollout)."""
 
-    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
+    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log, base=None):
         check_config(cfg)
         super().__init__(cfg, cfg.grpo, model_cfg, graphdef, mesh, rules, tokenizer)
         self.log = log
@@ -152,14 +153,15 @@ class Rollout(Generator):
                                        required=not cfg.grpo.reward_model)
         self.rm = FrozenRewardModel(cfg, cfg.grpo.reward_model, model_cfg, mesh, rules, "grpo.reward_model") \
             if cfg.grpo.reward_model else None
-        self.ref = initial_params(cfg, model_cfg, mesh, rules, source=cfg.grpo.ref_path or None) \
+        self.ref = reference_params(cfg, model_cfg, mesh, rules, cfg.grpo.ref_path or None, base) \
             if cfg.grpo.beta else None  # beta = 0: no reference model is loaded
         self.G = cfg.grpo.num_generations
         self.cached = None
         T = cfg.grpo.temperature
         self._frozen_logps = jax.jit(lambda policy, ref, batch: {
             **({"old_logps": token_logps(graphdef, policy, batch, cfg, T)} if policy is not None else {}),
-            **({"ref_logps": token_logps(graphdef, ref, batch, cfg, T)} if ref is not None else {})})
+            **({"ref_logps": token_logps(lora.reference_graphdef(model_cfg, ref), ref, batch, cfg, T)}
+               if ref is not None else {})})
 
     # ---- scoring
     def score(self, host, texts, G, rows=None):
@@ -240,5 +242,4 @@ class Rollout(Generator):
 
 TASK = Task("grpo", grpo_loss,
             batch_keys=None,
-            make_rollout=lambda cfg, model_cfg, graphdef, mesh, rules, tok, log: Rollout(
-                cfg, model_cfg, graphdef, mesh, rules, tok, log))
+            make_rollout=Rollout)

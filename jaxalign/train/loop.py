@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxalign import JaxalignError, checkpoint, models
+from jaxalign import JaxalignError, checkpoint, lora, models
 from jaxalign.data import pipeline, templates
 from jaxalign.models.presets import get_preset
 from jaxalign.parallel import mesh as mesh_lib
@@ -39,8 +39,9 @@ class Task:
     batch_keys: Optional[tuple] = None
     # Adjust the model config (e.g. a reward head); identity by default.
     model_config: Callable = lambda model_cfg, cfg: model_cfg
-    # setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log) -> aux: frozen arrays every step receives
+    # setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log, base) -> aux: frozen arrays every step receives
     # (e.g. reference params); it may also attach per-example columns to the datasets (precomputed values).
+    # `base` (setup and make_rollout): with LoRA, the frozen base params (see reference_params), else None.
     setup: Optional[Callable] = None
     # pre_step(model, batch, cfg, aux) -> {name: [B, ...] array}: values that need the whole global batch
     # (e.g. KTO's KL reference point), computed once per step without gradient and added to the batch
@@ -49,7 +50,7 @@ class Task:
     # finish(cfg, model_cfg, graphdef, params, datasets, mesh, rules, log) -> model_cfg: once after the last
     # step, before the export (e.g. the reward model's normalisation statistics, stored in the config).
     finish: Optional[Callable] = None
-    # make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log) -> a Rollout for online RL: called
+    # make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log, base) -> a Rollout for online RL: called
     # with (prompt iterator, params, step) it returns the host batch to train on (generations, rewards,
     # advantages), pulling prompts when it needs them; evaluate(params, data) replaces the loss-based eval;
     # state()/restore(d) carry its own state (e.g. an adaptive KL coefficient) through checkpoints.
@@ -89,26 +90,49 @@ def _split_micro(x, n):
     return mesh_lib.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
 
 
+def full_params(graphdef, params, frozen):
+    """The params a model runs with: with LoRA, the trainable ones laid over the frozen base (per model for
+    multi-model tasks); without, `params` itself."""
+    if frozen is None:
+        return params
+    if isinstance(graphdef, dict):
+        return {k: lora.combine(frozen[k], params[k]) for k in graphdef}
+    return lora.combine(frozen, params)
+
+
+def _with_lora_dropout(model, rate: float, key):
+    """Turn on LoRA dropout for this (traced, throw-away) model object: the train step's own copy only."""
+    for i, m in enumerate(model.values() if isinstance(model, dict) else [model]):
+        object.__setattr__(m, "lora_dropout", (rate, jax.random.fold_in(key, i)))
+    return model
+
+
 def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
-    def loss_fn(params, batch, key, aux):
-        loss_sum, denom, mets = task.loss(merge(graphdef, params), batch, key, cfg, aux)
+    dropout = cfg.lora.dropout if cfg.lora.rank else 0.0
+
+    def loss_fn(params, batch, key, aux, frozen):
+        model = merge(graphdef, full_params(graphdef, params, frozen))
+        if dropout:
+            key, sub = jax.random.split(key)
+            model = _with_lora_dropout(model, dropout, sub)
+        loss_sum, denom, mets = task.loss(model, batch, key, cfg, aux)
         return loss_sum, (denom, mets)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, batch, aux):
+    def step(state, batch, aux, frozen=None):
         rng, key = jax.random.split(state["rng"])
         params = state["params"]
-        batch = with_pre_step(task, graphdef, params, batch, cfg, aux)
+        batch = with_pre_step(task, graphdef, full_params(graphdef, params, frozen), batch, cfg, aux)
         micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
         keys = jax.random.split(key, n_micro)
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grad_fn, params, first, keys[0], aux)
+        shapes = jax.eval_shape(grad_fn, params, first, keys[0], aux, frozen)
         init = (_zeros_like_tree(shapes[1]), _zeros_like_tree(shapes[0]))
 
         def body(carry, xs):
             (grads, (loss, (denom, mets))) = carry
-            (l, (d, m)), g = grad_fn(params, *xs, aux)
+            (l, (d, m)), g = grad_fn(params, *xs, aux, frozen)
             return (jax.tree.map(jnp.add, grads, g), (loss + l, (denom + d, jax.tree.map(jnp.add, mets, m)))), None
 
         (grads, (loss_sum, (denom, mets))), _ = jax.lax.scan(body, init, (micro, keys))
@@ -206,7 +230,15 @@ def initial_params(cfg, model_cfg, mesh, rules, source=None) -> dict:
     return {k: v for k, v in lm.pure_params().items() if k in wanted}
 
 
-def _write_run_files(cfg, model_cfg, tok_dir):
+def reference_params(cfg, model_cfg, mesh, rules, source=None, base=None):
+    """A frozen reference model's params: with LoRA and no explicit `source`, the base the adapters sit on
+    (the same arrays: no second copy); otherwise `source` (default: the starting model) loaded anew."""
+    if base is not None and not source:
+        return base
+    return initial_params(cfg, model_cfg.without_lora(), mesh, rules, source=source)
+
+
+def _write_run_files(cfg, model_cfg, tok_dir, lora_spec=None):
     if jax.process_index() != 0:
         return
     run_dir = cfg.run_dir
@@ -214,6 +246,11 @@ def _write_run_files(cfg, model_cfg, tok_dir):
         f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
     with open(os.path.join(run_dir, models.NATIVE_CONFIG), "w") as f:
         f.write(model_cfg.to_json())
+    if lora_spec:  # how to rebuild the model: the base it sits on (checkpoints hold the adapters alone)
+        base = cfg.init_from or cfg.model.path
+        with open(os.path.join(run_dir, lora.RUN_FILE), "w") as f:
+            json.dump({"base": os.path.abspath(base) if base and os.path.isdir(base) else base,
+                       **dataclasses.asdict(lora_spec)}, f, indent=2, sort_keys=True)
     from jaxalign.convert.hf import copy_tokenizer
     copy_tokenizer(tok_dir, run_dir)
 
@@ -224,10 +261,22 @@ class RunResult:
     step: int
     metrics: dict          # last logged train metrics
     eval_metrics: dict     # last eval metrics (empty when no eval)
-    params: dict
+    params: dict           # the trained params (with LoRA: adapters and trained extras only)
     model_config: object
     graphdef: object
     mesh: object
+    frozen: Optional[dict] = None   # with LoRA: the frozen base
+    rules: tuple = mesh_lib.DEFAULT_RULES
+
+    def model(self) -> "models.LM":
+        """The trained policy as a `jaxalign.models.LM` (with LoRA: adapters merged into the base)."""
+        multi = isinstance(self.graphdef, dict)
+        pick = (lambda t: next(iter(t.values()))) if multi else (lambda t: t)
+        if self.frozen is None:
+            return models.LM(self.model_config, pick(self.graphdef), pick(self.params), self.mesh, self.rules,
+                             source=self.run_dir)
+        cfg, params = lora.merge(self.model_config, lora.combine(pick(self.frozen), pick(self.params)))
+        return models.LM(cfg, models.abstract_params(cfg)[0], params, self.mesh, self.rules, source=self.run_dir)
 
 
 def train(cfg, task: Task, log=print) -> RunResult:
@@ -246,11 +295,19 @@ def train(cfg, task: Task, log=print) -> RunResult:
         raise JaxalignError("data.train_files is not set")
     eval_data = pipeline.prepare_from_config(cfg, "eval", tokenizer, log=log)
     model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
+    lora_spec, peft = lora.spec(cfg), None
+    if lora_spec and lora_spec.init_from:
+        model_cfg, peft = lora.load_peft(lora_spec.init_from, model_cfg, mesh, rules)
+        log(f"LoRA adapters from {lora_spec.init_from}: rank {model_cfg.lora_rank}, alpha {model_cfg.lora_alpha:g}, "
+            f"on {', '.join(model_cfg.lora_targets)}")
+    elif lora_spec:
+        model_cfg = lora.adapted_config(model_cfg, lora_spec)
 
     B, mb = micro_batching(cfg)
     specs = task.models(cfg, model_cfg) if task.models else None
     policy = next(iter(specs)) if specs else None
     graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, specs, mesh, rules)
+    frozen = frozen_base(cfg, model_cfg, specs, mesh, rules) if lora_spec else None
 
     ckpt = checkpoint.RunCheckpoints(cfg.run_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
     it = pipeline.Batches(train_data, B, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
@@ -262,26 +319,37 @@ def train(cfg, task: Task, log=print) -> RunResult:
         it.restore(data_state["iterator"])
     else:
         start = 0
-        _write_run_files(cfg, model_cfg, tok_dir)
-        if specs:
+        _write_run_files(cfg, model_cfg, tok_dir, lora_spec)
+        if specs and lora_spec:
+            params = {k: lora.init_trainable(mc, frozen[k], lora_spec, mesh, rules, cfg.seed + i)
+                      for i, (k, (mc, _)) in enumerate(specs.items())}
+        elif specs:
             params = {k: initial_params(cfg, mc, mesh, rules, source=src) for k, (mc, src) in specs.items()}
+        elif lora_spec:
+            params = lora.init_trainable(model_cfg, frozen, lora_spec, mesh, rules, cfg.seed)
+            if peft is not None:
+                params = lora.combine(params, peft)
         else:
             params = initial_params(cfg, model_cfg, mesh, rules)
         state = state_lib.init_state(tx, params, shardings, cfg.seed)
 
+    # With LoRA the frozen base doubles as the reference model (no second copy of the weights).
+    base = (frozen[policy] if specs else frozen) if lora_spec else None
     aux = task.setup(cfg, model_cfg, graphdef, mesh, rules, [d for d in (train_data, eval_data) if d],
-                     log) if task.setup else None
+                     log, base=base) if task.setup else None
     step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb),
                       out_shardings=(shardings, None), donate_argnums=0)
-    rollout = task.make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log) if task.make_rollout else None
+    rollout = task.make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log, base=base) \
+        if task.make_rollout else None
     if rollout is not None and data_state is not None and "rollout" in data_state:
         rollout.restore(data_state["rollout"])
     eval_fn = jax.jit(make_eval_step(task, graphdef, cfg))
+    full = lambda params: full_params(graphdef, params, frozen)
 
     def run_eval(params):
         if rollout is not None:
-            return rollout.evaluate(params, eval_data)
-        return evaluate(eval_fn, params, eval_data, cfg, task, mesh, rules, aux)
+            return rollout.evaluate(full(params), eval_data)
+        return evaluate(eval_fn, full(params), eval_data, cfg, task, mesh, rules, aux)
 
     writer = metrics_lib.MetricsWriter(cfg.run_dir, resume_step=start or None)
     peak = metrics_lib.peak_flops(cfg.train.peak_flops)
@@ -299,12 +367,12 @@ def train(cfg, task: Task, log=print) -> RunResult:
         log("before training: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
     try:
         while step < cfg.train.steps:
-            host = next(it) if rollout is None else rollout(it, state["params"], step)
+            host = next(it) if rollout is None else rollout(it, full(state["params"]), step)
             T = host_len(host)
             tokens += real_tokens(host) * jax.process_count()
             flops += metrics_lib.train_flops_per_token(model_cfg, T) * host_rows(host) * jax.process_count() * T
             with jax.set_mesh(mesh):
-                state, report = step_fn(state, device_batch(host, task, mesh, rules), aux)
+                state, report = step_fn(state, device_batch(host, task, mesh, rules), aux, frozen)
             step += 1
             window.append(report)
             nonfinite_run = nonfinite_run + 1 if float(report["nonfinite"]) else 0
@@ -336,12 +404,32 @@ def train(cfg, task: Task, log=print) -> RunResult:
         ckpt.close()
         writer.close()
     if task.finish is not None and step == cfg.train.steps:
-        model_cfg = task.finish(cfg, model_cfg, graphdef, state["params"], [train_data, eval_data], mesh, rules, log)
-        _write_run_files(cfg, model_cfg, tok_dir)
+        model_cfg = task.finish(cfg, model_cfg, graphdef, full(state["params"]), [train_data, eval_data], mesh,
+                                rules, log)
+        _write_run_files(cfg, model_cfg, tok_dir, lora_spec)
+    pick = (lambda t: t[policy]) if specs else (lambda t: t)
     if cfg.checkpoint.export_hf and step == cfg.train.steps:
-        export_hf(cfg.run_dir, model_cfg, graphdef[policy] if specs else graphdef,
-                  state["params"][policy] if specs else state["params"], mesh, rules)
-    return RunResult(cfg.run_dir, step, last, eval_metrics, state["params"], model_cfg, graphdef, mesh)
+        export_hf(cfg.run_dir, model_cfg, pick(graphdef), pick(full(state["params"])), mesh, rules)
+        if lora_spec:
+            lora.save_peft(model_cfg, pick(state["params"]), os.path.join(cfg.run_dir, "adapter"),
+                           base_name=cfg.init_from or cfg.model.path, dropout=lora_spec.dropout)
+    return RunResult(cfg.run_dir, step, last, eval_metrics, state["params"], model_cfg, graphdef, mesh, frozen,
+                     rules)
+
+
+def frozen_base(cfg, model_cfg, specs, mesh, rules):
+    """The frozen base of a LoRA run in lora.base_dtype (int8: bf16 loaded, then quantised kernel by kernel);
+    for multi-model tasks, one view per model of the same arrays (a critic's has no LM head)."""
+    s = lora.spec(cfg)
+    dtype = "bfloat16" if s.base_dtype == "int8" else s.base_dtype
+    base_cfg = model_cfg.without_lora().replace(param_dtype=dtype)
+    base = initial_params(cfg, base_cfg, mesh, rules)
+    if model_cfg.quantized:
+        base = lora.quantize(base, model_cfg, mesh, rules)
+    if not specs:
+        return base
+    return {k: {n: v for n, v in base.items() if n in nnx.to_pure_dict(models.abstract_params(mc)[1])}
+            for k, (mc, _) in specs.items()}
 
 
 def host_len(host: dict) -> int:
@@ -373,6 +461,10 @@ def state_spec(cfg, task, model_cfg, specs, mesh, rules):
             graphdef[name], params_abs[name], params_sh[name] = _abstract(mc, mesh, rules)
     else:
         graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
+    s = lora.spec(cfg)
+    if s:  # only the adapters (and trained extras) are optimised and checkpointed
+        sub = lambda t: lora.trainable(t, s)
+        params_abs, params_sh = (({k: sub(v) for k, v in t.items()} if specs else sub(t)) for t in (params_abs, params_sh))
     tx, lr_fn = (task.optimizer or (lambda c, n, _: make_optimizer(c.optim, n)))(cfg, cfg.train.steps, params_abs)
     return graphdef, params_abs, tx, lr_fn, state_lib.state_shardings(tx, params_abs, params_sh, mesh)
 
@@ -394,6 +486,10 @@ def real_tokens(host: dict) -> int:
 
 
 def export_hf(run_dir, model_cfg, graphdef, params, mesh, rules):
+    if model_cfg.lora_rank or model_cfg.quantized:
+        model_cfg, params = lora.merge(model_cfg, params)
+        model_cfg = model_cfg.replace(param_dtype=next(
+            str(v.dtype) for v in jax.tree.leaves(params) if jnp.issubdtype(v.dtype, jnp.floating) and v.ndim > 1))
     lm = models.LM(model_cfg, graphdef, params, mesh, rules, source=run_dir)
     lm.save_pretrained(os.path.join(run_dir, "hf"), overwrite=True)
 

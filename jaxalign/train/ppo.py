@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import JaxalignError, models
+from jaxalign import JaxalignError, lora, models
 from jaxalign.data import pipeline
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
 from jaxalign.train.grpo import METRIC, Generator, rollout_metrics, token_logps
-from jaxalign.train.loop import Task, initial_params
+from jaxalign.train.loop import Task, reference_params
 from jaxalign.train.optim import make_optimizer, per_model
 from jaxalign.train.reward import FrozenRewardModel, last_index
 from jaxalign.train.sft import completion_logprobs
@@ -71,6 +71,12 @@ def shape_rewards(kl, score, action_mask, kl_coef: float):
 
 def ppo_models(cfg, model_cfg):
     check_config(cfg)
+    if model_cfg.lora_rank:  # LoRA: the critic is a second adapter set (and a new value head) on the policy's base
+        if cfg.ppo.critic_path:
+            raise JaxalignError("ppo.critic_path cannot be used with LoRA: the critic is a second adapter set on "
+                                "the policy's frozen base (with a fresh value head)")
+        return {"actor": (model_cfg, None),
+                "critic": (model_cfg.replace(lm_head=False, num_labels=1, reward_mean=0.0, reward_std=1.0), None)}
     source = cfg.ppo.critic_path or cfg.ppo.reward_model
     critic = models.load_config(source, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
     if critic.vocab_size != model_cfg.vocab_size:
@@ -130,15 +136,16 @@ def ppo_pre_step(model, batch, cfg, aux):
 class Rollout(Generator):
     """Experience collection: generations, old/reference log-probs, values, scores, GAE (Task.make_rollout)."""
 
-    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log):
+    def __init__(self, cfg, model_cfg, graphdef, mesh, rules, tokenizer, log, base=None):
         c = cfg.ppo
         super().__init__(cfg, c, model_cfg, graphdef["actor"], mesh, rules, tokenizer)
         self.log, self.kl_coef, self.buffer = log, float(c.kl_coef), []
         self.rm = FrozenRewardModel(cfg, c.reward_model, model_cfg, mesh, rules, "ppo.reward_model")
-        self.ref_params = initial_params(cfg, model_cfg, mesh, rules, source=c.ref_path or None)
+        self.ref_params = reference_params(cfg, model_cfg, mesh, rules, c.ref_path or None, base)
         actor_g, critic_g, T = graphdef["actor"], graphdef["critic"], c.temperature
+        ref_g = lora.reference_graphdef(model_cfg, self.ref_params)
         self._experience = jax.jit(lambda actor, critic, ref, batch: (
-            token_logps(actor_g, actor, batch, cfg, T), token_logps(actor_g, ref, batch, cfg, T),
+            token_logps(actor_g, actor, batch, cfg, T), token_logps(ref_g, ref, batch, cfg, T),
             token_values(nnx.merge(critic_g, critic), batch)))
         self.ptx = None
         if c.ptx_files:
@@ -231,5 +238,4 @@ class Rollout(Generator):
 
 TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer, pre_step=ppo_pre_step,
             batch_keys=None,
-            make_rollout=lambda cfg, model_cfg, graphdef, mesh, rules, tok, log: Rollout(
-                cfg, model_cfg, graphdef, mesh, rules, tok, log))
+            make_rollout=Rollout)

@@ -19,7 +19,8 @@ from jaxalign import JaxalignError
 from jaxalign.data.pipeline import Batches, stack_pairs
 from jaxalign.losses import preference as P
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.train.loop import Task, initial_params
+from jaxalign import lora
+from jaxalign.train.loop import Task, reference_params
 from jaxalign.train.sft import completion_logprobs
 
 
@@ -52,7 +53,7 @@ def pair_logps(model, batch, cfg):
 
 
 def _ref_model(model, aux):
-    return nnx.merge(nnx.graphdef(model), aux["ref"])
+    return nnx.merge(lora.reference_graphdef(model.config, aux["ref"]), aux["ref"])
 
 
 def _weighted(per_pair: dict, w):
@@ -164,17 +165,17 @@ def reference_setup(section: str):
     """Task.setup for methods with a reference model: load it (frozen, sharded like the policy), and
     either hand it to every step or precompute its log-probs over the datasets once and drop it."""
 
-    def setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log):
+    def setup(cfg, model_cfg, graphdef, mesh, rules, datasets, log, base=None):
         c = cfg[section]
         if section == "kto" and c.precompute_ref_logps:
             raise JaxalignError("kto.precompute_ref_logps is not supported: the KL rows pair each prompt with "
                                 "another row's completion, so their reference log-probs depend on the batch")
         source = c.ref_path or None
-        ref = initial_params(cfg, model_cfg, mesh, rules, source=source)
+        ref = reference_params(cfg, model_cfg, mesh, rules, source=source, base=base)
         if not c.precompute_ref_logps:
             return {"ref": ref}
         for data in datasets:
-            precompute(graphdef, ref, data, cfg, mesh, rules, log)
+            precompute(lora.reference_graphdef(model_cfg, ref), ref, data, cfg, mesh, rules, log)
         return None
 
     return setup

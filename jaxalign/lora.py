@@ -1,0 +1,418 @@
+"""LoRA (Hu et al. 2021) for every trainer: adapters on chosen Linear modules, a frozen (optionally bf16 or
+int8) base, merge, and PEFT's adapter format.
+
+The adapted model is the ordinary decoder built from a ModelConfig whose `lora_rank`/`lora_targets` are set:
+each targeted Linear gains lora_a [*in, r] and lora_b [r, *out] (logical axes of its kernel, so they shard
+like it), and computes x W + (alpha / r) (x A) B. Training splits the params in two pure dicts:
+
+    trainable = adapters (+ optional extras: `lora.trainable` regex, and a scalar head always)
+    frozen    = the base model's weights, untouched (the reference policy for DPO/KTO/GRPO/PPO, for free)
+
+Only `trainable` is differentiated, held by the optimizer and saved in checkpoints; `combine` overlays it on
+`frozen` inside the step. Parameter paths are "/"-joined pure-dict keys: "layers/q/kernel", "lm_head/kernel".
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import JaxalignError
+from jaxalign.models.config import ModelConfig
+
+ADAPTER_KEYS = ("lora_a", "lora_b")
+BASE_DTYPES = ("bfloat16", "float32", "float16", "int8")
+RUN_FILE = "lora.json"  # in a LoRA run directory: the base model and the adapter settings
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: str          # regex searched in each Linear kernel's path ("layers/q/kernel", "lm_head/kernel")
+    trainable: str        # regex of extra parameter paths trained in full (e.g. "norm"); "" = none
+    base_dtype: str       # the frozen base's storage: bfloat16 | float32 | float16 | int8 (weight-only)
+    init_from: str        # a PEFT adapter directory (or a jaxalign LoRA run) to start the adapters from
+
+
+def spec(cfg) -> Optional[LoraSpec]:
+    """The run's LoRA settings (`lora.*`), or None when lora.rank is 0."""
+    c = cfg.lora
+    if not c.rank:
+        return None
+    if c.rank < 0 or c.alpha <= 0 or not 0 <= c.dropout < 1:
+        raise JaxalignError(f"lora: rank must be > 0, alpha > 0 and 0 <= dropout < 1 (got rank={c.rank}, "
+                            f"alpha={c.alpha}, dropout={c.dropout})")
+    if c.base_dtype not in BASE_DTYPES:
+        raise JaxalignError(f"lora.base_dtype={c.base_dtype!r}: expected one of {BASE_DTYPES}")
+    for field in ("targets", "trainable"):
+        try:
+            re.compile(c[field])
+        except re.error as e:
+            raise JaxalignError(f"lora.{field}={c[field]!r}: not a regular expression ({e})") from None
+    return LoraSpec(int(c.rank), float(c.alpha), float(c.dropout), c.targets, c.trainable, c.base_dtype,
+                    c.init_from)
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def linear_modules(model_cfg: ModelConfig) -> list:
+    """Module paths of the Linear layers LoRA can adapt (every kernel but the scalar head's)."""
+    from jaxalign.models import abstract_params
+    pure = nnx.to_pure_dict(abstract_params(model_cfg.without_lora())[1])
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
+    return [p[: -len("/kernel")] for p in paths if p.endswith("/kernel") and not p.startswith("score/")]
+
+
+def adapted_config(model_cfg: ModelConfig, s: LoraSpec) -> ModelConfig:
+    """`model_cfg` with adapters on every Linear whose kernel path matches `s.targets`."""
+    modules = linear_modules(model_cfg)
+    targets = tuple(m for m in modules if re.search(s.targets, f"{m}/kernel"))
+    if not targets:
+        raise JaxalignError(f"lora.targets={s.targets!r} matches no Linear kernel; the model has: "
+                            + ", ".join(f"{m}/kernel" for m in modules))
+    return model_cfg.replace(lora_rank=s.rank, lora_alpha=s.alpha, lora_targets=targets,
+                             quantized=s.base_dtype == "int8")
+
+
+def is_trainable(path: str, s: Optional[LoraSpec]) -> bool:
+    """Adapters, the scalar head (a reward/value head is new to the base), and `lora.trainable` matches."""
+    if path.rsplit("/", 1)[-1] in ADAPTER_KEYS or path.startswith("score/"):
+        return True
+    return bool(s and s.trainable and re.search(s.trainable, path))
+
+
+def select(tree: dict, keep) -> dict:
+    """The nested sub-dict of leaves whose path satisfies keep(path_str)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = select(v, lambda p, k=k: keep(f"{k}/{p}"))
+            if sub:
+                out[k] = sub
+        elif keep(str(k)):
+            out[k] = v
+    return out
+
+
+def trainable(tree: dict, s: Optional[LoraSpec]) -> dict:
+    return select(tree, lambda p: is_trainable(p, s))
+
+
+def combine(frozen: dict, train: dict) -> dict:
+    """`frozen` with `train`'s leaves laid over it (adapters added, trained extras replacing the originals).
+    A pure dict operation: no arrays are copied."""
+    out = dict(frozen)
+    for k, v in train.items():
+        out[k] = combine(frozen.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def reference_config(model_cfg: ModelConfig, params: dict) -> ModelConfig:
+    """The config of a frozen model's params: no adapters; quantised when its kernels are int8."""
+    quantized = any(path_str(p).endswith("kernel_scale") for p, _ in jax.tree_util.tree_leaves_with_path(params))
+    return model_cfg.replace(lora_rank=0, lora_alpha=0.0, lora_targets=(), quantized=quantized)
+
+
+@functools.lru_cache(maxsize=32)
+def _graphdef(model_cfg: ModelConfig):
+    from jaxalign.models import abstract_params
+    return abstract_params(model_cfg)[0]
+
+
+def reference_graphdef(model_cfg: ModelConfig, params: dict):
+    """The graphdef to run frozen `params` with (the base of a LoRA model, or a separately loaded copy)."""
+    return _graphdef(reference_config(model_cfg, params).replace(num_labels=model_cfg.num_labels,
+                                                                  lm_head=model_cfg.lm_head))
+
+
+# ------------------------------------------------------------------------------------ quantisation
+
+def quantize(params: dict, quant_cfg: ModelConfig, mesh, rules) -> dict:
+    """Block Linear kernels of `params` as int8 + kernel_scale (symmetric, one float32 scale per output
+    channel: max |w| over the input dims / 127), sharded as `quant_cfg`'s abstract params. One kernel at a
+    time, each donated, so peak memory stays near the input's."""
+    from jaxalign.models import abstract_params
+    from jaxalign.parallel import mesh as mesh_lib
+    _, abs_state = abstract_params(quant_cfg.without_lora().replace(quantized=True))
+    shardings = nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules))
+    abstract = nnx.to_pure_dict(abs_state)
+    out = dict(params, layers=dict(params["layers"]))
+    for name, mod in abstract["layers"].items():
+        if "kernel_scale" not in mod:
+            continue
+        in_axes = tuple(range(1, mod["kernel"].ndim - mod["kernel_scale"].ndim + 1))  # kernel [L, *in, *out]
+
+        def q(w, in_axes=in_axes):
+            w32 = w.astype(jnp.float32)
+            scale = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True) / 127.0
+            scale = jnp.where(scale > 0, scale, 1.0)
+            return jnp.round(w32 / scale).astype(jnp.int8), jnp.squeeze(scale, in_axes)
+
+        sh = shardings["layers"][name]
+        kernel, scale = jax.jit(q, out_shardings=(sh["kernel"], sh["kernel_scale"]), donate_argnums=0)(
+            out["layers"][name]["kernel"])
+        out["layers"][name] = {**out["layers"][name], "kernel": kernel, "kernel_scale": scale}
+    return out
+
+
+def dequantize_kernel(w, scale):
+    """int8 kernel [L, *in, *out] times its scale [L, *out], in float32."""
+    return w.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(1, w.ndim - scale.ndim + 1)))
+
+
+# -------------------------------------------------------------------------------------------- merge
+
+def delta(a, b, n_lead: int):
+    """A [*lead, *in, r] @ B [*lead, r, *out] -> [*lead, *in, *out], float32 (without alpha/r)."""
+    lead, ins, outs, r = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1:], a.shape[-1]
+    a2 = a.astype(jnp.float32).reshape(*lead, math.prod(ins), r)
+    b2 = b.astype(jnp.float32).reshape(*lead, r, math.prod(outs))
+    return jnp.matmul(a2, b2).reshape(*lead, *ins, *outs)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "n_lead", "dtype"))
+def _fold(w, w_scale, a, b, scale, n_lead, dtype):
+    w = dequantize_kernel(w, w_scale) if w_scale is not None else w.astype(jnp.float32)
+    if a is not None:
+        w = w + scale * delta(a, b, n_lead)
+    return w.astype(dtype)
+
+
+def merge(model_cfg: ModelConfig, params: dict, dtype=None) -> tuple:
+    """(base config, params with (alpha/r) A B folded into every adapted kernel and int8 kernels dequantised),
+    computed in float32 and written in `dtype` (default: each kernel's own dtype; bfloat16 for int8)."""
+    scale = model_cfg.lora_scale
+
+    def fold(p, n_lead):
+        if "kernel" not in p:
+            return {k: fold(v, n_lead or int(k == "layers")) if isinstance(v, dict) else v for k, v in p.items()}
+        w = p["kernel"]
+        kind = jnp.dtype(dtype or (jnp.bfloat16 if w.dtype == jnp.int8 else w.dtype))
+        out = {k: v for k, v in p.items() if k not in ADAPTER_KEYS + ("kernel_scale",)}
+        out["kernel"] = _fold(w, p.get("kernel_scale"), p.get("lora_a"), p.get("lora_b"), scale, n_lead, kind)
+        return out
+
+    return model_cfg.without_lora(), fold(params, 0)
+
+
+# ---------------------------------------------------------------------------------- initial adapters
+
+def init_trainable(model_cfg: ModelConfig, frozen: dict, s: Optional[LoraSpec], mesh, rules, seed: int) -> dict:
+    """Fresh adapters (A ~ U(+-1/sqrt(in)), B = 0) created in their sharding, plus copies of the trained
+    extras from the base (a trained head the base lacks, such as a critic's, is initialised fresh), in the
+    model's param dtype."""
+    from jaxalign.models import abstract_params
+    from jaxalign.models.transformer import CausalLM
+    from jaxalign.parallel import mesh as mesh_lib
+    in_frozen = lambda p: _has(frozen, p)
+    fresh = lambda p: p.rsplit("/", 1)[-1] in ADAPTER_KEYS or (is_trainable(p, s) and not in_frozen(p))
+    _, abs_state = abstract_params(model_cfg)
+    shardings = select(nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules)), fresh)
+
+    def make(key):  # XLA drops the base weights' initialisation: only adapters (and a new head) are outputs
+        return select(nnx.to_pure_dict(nnx.state(CausalLM(model_cfg, nnx.Rngs(key)))), fresh)
+
+    with jax.set_mesh(mesh):
+        adapters = jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
+    extras = select(frozen, lambda p: is_trainable(p, s))
+    extras = jax.tree.map(lambda x: x.astype(model_cfg.weights_dtype), extras)
+    return combine(extras, adapters)
+
+
+# ------------------------------------------------------------------------------------ PEFT format
+
+def _peft_modules(base_cfg: ModelConfig):
+    """{our module path: [(HF module name, layer or None, HFTensor)]} for single-kernel Linear tensors, and
+    the HF tensor specs by our parameter path (for modules_to_save)."""
+    from jaxalign.convert import hf
+    linear, by_path = {}, {}
+    for t in hf.family(base_cfg.model_type).hf_tensors(base_cfg):
+        for path in t.paths:
+            by_path.setdefault("/".join(path), []).append(t)
+        if len(t.paths) == 1 and t.paths[0][-1] == "kernel":
+            linear.setdefault("/".join(t.paths[0][:-1]), []).append((t.name[: -len(".weight")], t.layer, t))
+    return linear, by_path
+
+
+def _fused_error(base_cfg, module):
+    return JaxalignError(f"{base_cfg.model_type}: {module} is part of a fused HF tensor (GPT-2's c_attn), which "
+                         f"PEFT adapts as one matrix; train q/k/v adapters only on LLaMA-family models to export "
+                         f"them, or target o/up/down")
+
+
+def save_peft(model_cfg: ModelConfig, params: dict, out_dir: str, *, base_name: str = "", dropout: float = 0.0,
+              overwrite: bool = True):
+    """Write the adapters (and trained extras, as PEFT's modules_to_save) of `params` in PEFT's format:
+    adapter_config.json + adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on the
+    transformers model. Every process calls it (gathers are collective); process 0 writes."""
+    from safetensors.numpy import save_file
+
+    from jaxalign.convert import hf
+    from jaxalign.parallel.mesh import to_host
+    base_cfg = model_cfg.without_lora()
+    linear, by_path = _peft_modules(base_cfg)
+    r = model_cfg.lora_rank
+    tensors, targets, modules_to_save = {}, set(), set()
+    for module in model_cfg.lora_targets:
+        if module not in linear:
+            raise _fused_error(base_cfg, module)
+        a_all, b_all = to_host(_get(params, module)["lora_a"]), to_host(_get(params, module)["lora_b"])
+        for name, layer, _ in linear[module]:
+            a, b = (a_all, b_all) if layer is None else (a_all[layer], b_all[layer])
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.reshape(-1, r).T.astype(np.float32)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.reshape(r, -1).T.astype(np.float32)
+            targets.add(name.rsplit(".", 1)[-1])
+    for p, v in jax.tree_util.tree_leaves_with_path(params):
+        path = path_str(p)
+        if path.rsplit("/", 1)[-1] in ADAPTER_KEYS:
+            continue
+        for t in by_path.get(path, []):
+            x = to_host(v)
+            tensors[f"base_model.model.{t.name}"] = np.ascontiguousarray(
+                t.to_hf(x if t.layer is None else x[t.layer])).astype(np.float32)
+            modules_to_save.add(t.name.rsplit(".", 1)[0])
+    if jax.process_index() != 0:
+        return
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if base_cfg.num_labels else "CAUSAL_LM",
+              "base_model_name_or_path": base_name, "r": r, "lora_alpha": model_cfg.lora_alpha,
+              "lora_dropout": dropout, "target_modules": sorted(targets), "bias": "none",
+              "fan_in_fan_out": base_cfg.model_type == "gpt2", "modules_to_save": sorted(modules_to_save) or None,
+              "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+    with hf.atomic_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, PEFT_CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _get(tree, module: str):
+    for k in module.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def is_peft_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, PEFT_CONFIG))
+
+
+def load_peft(adapter_dir: str, base_cfg: ModelConfig, mesh, rules) -> tuple:
+    """(adapted config, trainable params) from a PEFT LoRA adapter directory, onto `mesh`. Layers without an
+    adapter get zeros (no change); rsLoRA's alpha/sqrt(r) scale is kept exactly (as an equivalent alpha)."""
+    from safetensors import safe_open
+
+    from jaxalign.convert import hf
+    from jaxalign.models import abstract_params
+    from jaxalign.parallel import mesh as mesh_lib
+    where = os.path.join(adapter_dir, PEFT_CONFIG)
+    c = hf.read_json(where)
+    if c.get("peft_type", "LORA") != "LORA":
+        raise JaxalignError(f"{where}: peft_type {c.get('peft_type')!r}: only LORA adapters are supported")
+    for field in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if c.get(field):
+            raise JaxalignError(f"{where}: field {field!r} is set; jaxalign supports plain LoRA (one rank and "
+                                f"alpha for all modules, no DoRA)")
+    if c.get("bias", "none") != "none":
+        raise JaxalignError(f"{where}: field 'bias' is {c['bias']!r}; only 'none' is supported")
+    r, alpha = int(c["r"]), float(c["lora_alpha"])
+    if c.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/sqrt(r) = (alpha*sqrt(r))/r
+    path = os.path.join(adapter_dir, PEFT_WEIGHTS)
+    if not os.path.isfile(path):
+        raise JaxalignError(f"{adapter_dir}: {PEFT_WEIGHTS} not found (jaxalign reads safetensors only, "
+                            f"never pickled adapter_model.bin)")
+    with safe_open(path, "numpy") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    linear, by_path = _peft_modules(base_cfg)
+    targets = tuple(m for m, entries in linear.items()
+                    if any(f"base_model.model.{n}.lora_A.weight" in stored for n, _, _ in entries))
+    if not targets:
+        raise JaxalignError(f"{path}: no LoRA tensor matches a {base_cfg.model_type} Linear module "
+                            f"(expected names like base_model.model.{next(iter(linear.values()))[0][0]}.lora_A.weight)")
+    adapted = base_cfg.replace(lora_rank=r, lora_alpha=alpha, lora_targets=targets)
+    _, abs_state = abstract_params(adapted)
+    abstract = nnx.to_pure_dict(abs_state)
+    shardings = nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules))
+    out, used = {}, set()
+    for module in targets:
+        mod_abs = _get(abstract, module)
+        a = np.zeros(mod_abs["lora_a"].shape, np.float32)
+        b = np.zeros(mod_abs["lora_b"].shape, np.float32)
+        for name, layer, _ in linear[module]:
+            ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
+            if ka not in stored:
+                continue
+            sa, sb = (a.shape, b.shape) if layer is None else (a.shape[1:], b.shape[1:])
+            want_a, want_b = (r, math.prod(sa[:-1])), (math.prod(sb[1:]), r)
+            for key, want in ((ka, want_a), (kb, want_b)):
+                if key not in stored or stored[key].shape != want:
+                    got = list(stored[key].shape) if key in stored else "missing"
+                    raise JaxalignError(f"{path}: tensor {key!r} is {got}, the base model implies {list(want)}")
+            va, vb = stored[ka].T.reshape(sa), stored[kb].T.reshape(sb)
+            if layer is None:
+                a, b = va, vb
+            else:
+                a[layer], b[layer] = va, vb
+            used.update((ka, kb))
+        sh = _get(shardings, module)
+        leaf = {"lora_a": hf._put(a.astype(mod_abs["lora_a"].dtype), sh["lora_a"]),
+                "lora_b": hf._put(b.astype(mod_abs["lora_b"].dtype), sh["lora_b"])}
+        _set(out, module, leaf)
+    for key, value in stored.items():  # modules_to_save: trained copies of base tensors
+        if key in used:
+            continue
+        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        specs = [(p, t) for p, ts in by_path.items() for t in ts if t.name == name and len(t.paths) == 1]
+        if not specs:
+            raise JaxalignError(f"{path}: tensor {key!r} matches no parameter of the base model")
+        p, t = specs[0]
+        target = _get(abstract, p)
+        x = np.asarray(t.to_ours(value)[0], np.float32)
+        if t.layer is not None:
+            full = _get(out, p) if _has(out, p) else np.zeros(target.shape, np.float32)
+            full[t.layer] = x
+            x = full
+        _set(out, p, x)
+    out = _to_devices(out, abstract, shardings)
+    return adapted, out
+
+
+def _has(tree, path):
+    try:
+        _get(tree, path)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def _set(tree, path: str, value):
+    keys = path.split("/")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _to_devices(tree, abstract, shardings, prefix=""):
+    from jaxalign.convert import hf
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out[k] = _to_devices(v, abstract, shardings, p)
+        elif isinstance(v, np.ndarray):
+            t = _get(abstract, p)
+            out[k] = hf._put(v.astype(t.dtype), _get(shardings, p))
+        else:
+            out[k] = v
+    return out
