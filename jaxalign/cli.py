@@ -31,7 +31,7 @@ def cmd_convert(args):
         raise JaxalignError(f"{args.out}: already exists (pass --overwrite to replace it)")
     mesh = make_mesh(args.mesh)
     src = args.from_hf or args.to_hf
-    lm = models.from_pretrained(src, param_dtype=args.param_dtype, mesh=mesh)
+    lm = models.from_pretrained(src, param_dtype=args.param_dtype, mesh=mesh, adapter=args.adapter)
     n = sum(x.size for x in jax.tree.leaves(lm.params))
     if args.from_hf:
         lm.save(args.out, overwrite=args.overwrite)
@@ -87,7 +87,7 @@ def cmd_sample(args):
     start = time.time()
     n = batch.predict_file(args.model, args.prompts, args.out, batch_size=args.batch_size,
                            num_samples=args.num_samples, chat_template=args.chat_template, mesh_shape=args.mesh,
-                           seed=args.seed, **_generation(args))
+                           seed=args.seed, adapter=args.adapter, **_generation(args))
     print(f"wrote {n} rows to {args.out} in {time.time() - start:.1f}s")
 
 
@@ -95,7 +95,7 @@ def cmd_chat(args):
     from jaxalign.sampling import batch
     print("jaxalign chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits")
     batch.chat(args.model, system=args.system, chat_template=args.chat_template, mesh_shape=args.mesh,
-               seed=args.seed, **_generation(args))
+               seed=args.seed, adapter=args.adapter, **_generation(args))
 
 
 def _generation_flags(p, temperature):
@@ -142,6 +142,7 @@ def build_parser():
     c.add_argument("--mesh", type=_mesh_shape, default=(1, -1, 1),
                    help="data,fsdp,model mesh to load onto (default 1,-1,1: FSDP over all devices)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to merge into the model first")
     c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train (or resume) the run a config describes",
@@ -167,6 +168,7 @@ def build_parser():
     sa.add_argument("--out", required=True, help="output .jsonl (rows already there are skipped)")
     sa.add_argument("--batch-size", type=int, default=32)
     sa.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    sa.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to merge into the model")
     _generation_flags(sa, temperature=1.0)
     sa.set_defaults(func=cmd_sample)
 
@@ -174,6 +176,7 @@ def build_parser():
                         description="An interactive chat with a model, using its chat template.")
     ch.add_argument("--model", required=True, help="HF, jaxalign or training-run directory")
     ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to merge into the model")
     _generation_flags(ch, temperature=0.7)
     ch.set_defaults(func=cmd_chat)
 

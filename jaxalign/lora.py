@@ -88,9 +88,21 @@ def adapted_config(model_cfg: ModelConfig, s: LoraSpec) -> ModelConfig:
 
 def is_trainable(path: str, s: Optional[LoraSpec]) -> bool:
     """Adapters, the scalar head (a reward/value head is new to the base), and `lora.trainable` matches."""
+    if path.endswith("kernel_scale"):
+        return False
     if path.rsplit("/", 1)[-1] in ADAPTER_KEYS or path.startswith("score/"):
         return True
     return bool(s and s.trainable and re.search(s.trainable, path))
+
+
+def with_trainable(s: LoraSpec, tree: dict) -> LoraSpec:
+    """`s` with the non-adapter leaves of `tree` (a loaded adapter's modules_to_save) trained as well."""
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    extra = [re.escape(p) for p in paths if not is_trainable(p, s)]
+    if not extra:
+        return s
+    pattern = "^(" + "|".join(extra) + ")$"
+    return dataclasses.replace(s, trainable=f"{s.trainable}|{pattern}" if s.trainable else pattern)
 
 
 def select(tree: dict, keep) -> dict:
@@ -271,8 +283,8 @@ def save_peft(model_cfg: ModelConfig, params: dict, out_dir: str, *, base_name: 
         a_all, b_all = to_host(_get(params, module)["lora_a"]), to_host(_get(params, module)["lora_b"])
         for name, layer, _ in linear[module]:
             a, b = (a_all, b_all) if layer is None else (a_all[layer], b_all[layer])
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.reshape(-1, r).T.astype(np.float32)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b.reshape(r, -1).T.astype(np.float32)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T, np.float32)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T, np.float32)
             targets.add(name.rsplit(".", 1)[-1])
     for p, v in jax.tree_util.tree_leaves_with_path(params):
         path = path_str(p)

@@ -29,9 +29,9 @@ FAMILIES = {
 }
 
 
-def build(family: str, seq_cls: bool = False, seed: int = 0):
+def build(family: str, seq_cls: bool = False, seed: int = 0, **overrides):
     prefix, kwargs = FAMILIES[family]
-    config = getattr(transformers, f"{prefix}Config")(**kwargs, num_labels=1 if seq_cls else 2)
+    config = getattr(transformers, f"{prefix}Config")(**{**kwargs, **overrides}, num_labels=1 if seq_cls else 2)
     if seq_cls:
         cls = getattr(transformers, f"{prefix}ForSequenceClassification")
     else:
@@ -47,7 +47,7 @@ def build(family: str, seq_cls: bool = False, seed: int = 0):
     return model
 
 
-def save_tiny(family: str, path: str, dtype="float32", seq_cls=False):
-    model = build(family, seq_cls)
+def save_tiny(family: str, path: str, dtype="float32", seq_cls=False, **overrides):
+    model = build(family, seq_cls, **overrides)
     model.to(getattr(torch, dtype)).save_pretrained(path)
     return path

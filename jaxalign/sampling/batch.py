@@ -22,9 +22,10 @@ from jaxalign.sampling.sampler import completions, generate, left_pad
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this: few compiled shapes
 
 
-def load(model_dir: str, chat_template: Optional[str] = None, mesh_shape=(1, -1, 1)):
-    """(lm, tokenizer, renderer) of a model directory (HF, jaxalign, or a training run)."""
-    lm = models.from_pretrained(model_dir, mesh=make_mesh(mesh_shape))
+def load(model_dir: str, chat_template: Optional[str] = None, mesh_shape=(1, -1, 1), adapter: Optional[str] = None):
+    """(lm, tokenizer, renderer) of a model directory (HF, jaxalign, or a training run), with an optional PEFT
+    LoRA adapter merged in."""
+    lm = models.from_pretrained(model_dir, mesh=make_mesh(mesh_shape), adapter=adapter)
     if not lm.config.lm_head:
         raise JaxalignError(f"{model_dir}: a reward/value model (no LM head) cannot generate")
     tok = templates.load_tokenizer(model_dir, chat_template)
@@ -66,9 +67,9 @@ def done_rows(out_path: str) -> set:
 
 def predict_file(model_dir: str, prompts_path: str, out_path: str, *, batch_size: int = 32,
                  num_samples: int = 1, chat_template: Optional[str] = None, mesh_shape=(1, -1, 1),
-                 progress: bool = True, log=print, **gen) -> int:
+                 progress: bool = True, log=print, adapter: Optional[str] = None, **gen) -> int:
     """Generate completions for every prompt record of `prompts_path` into `out_path`; returns rows written."""
-    lm, tok, renderer = load(model_dir, chat_template, mesh_shape)
+    lm, tok, renderer = load(model_dir, chat_template, mesh_shape, adapter)
     gen = with_tokenizer_eos(gen, renderer)
     todo = []
     done = done_rows(out_path)
@@ -111,9 +112,10 @@ def predict_file(model_dir: str, prompts_path: str, out_path: str, *, batch_size
 
 
 def chat(model_dir: str, *, system: Optional[str] = None, chat_template: Optional[str] = None,
-         mesh_shape=(1, -1, 1), lines: Optional[Iterable[str]] = None, write=print, seed: int = 0, **gen):
+         mesh_shape=(1, -1, 1), lines: Optional[Iterable[str]] = None, write=print, seed: int = 0,
+         adapter: Optional[str] = None, **gen):
     """A terminal chat: each line is a user turn (`/reset` clears the history, `/exit` or EOF ends)."""
-    lm, tok, renderer = load(model_dir, chat_template, mesh_shape)
+    lm, tok, renderer = load(model_dir, chat_template, mesh_shape, adapter)
     gen = with_tokenizer_eos(gen, renderer)
     history = [{"role": "system", "content": system}] if system else []
     start = list(history)

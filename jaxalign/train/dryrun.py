@@ -3,8 +3,9 @@ mesh's devices, real or simulated with XLA_FLAGS=--xla_force_host_platform_devic
 compiled on abstract parameters and optimizer state, with XLA's own memory analysis. Nothing is allocated
 but one real data batch, and no run directory is written."""
 import jax
+from flax import nnx
 
-from jaxalign import JaxalignError
+from jaxalign import JaxalignError, lora, models
 from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import memory
@@ -15,6 +16,9 @@ from jaxalign.train.loop import device_batch, load_tokenizer, make_train_step, m
 def dry_run(cfg, task, log=print) -> dict:
     _, tokenizer = load_tokenizer(cfg)
     model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
+    lora_spec = lora.spec(cfg)
+    if lora_spec:
+        model_cfg = lora.adapted_config(model_cfg, lora_spec)
     est = memory.estimate(cfg, model_cfg, jax.device_count())
     log(memory.report(est))
     out = {"estimate": est}
@@ -40,11 +44,19 @@ def dry_run(cfg, task, log=print) -> dict:
                                  process_index=jax.process_index(), process_count=jax.process_count()))
     graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, None, mesh, rules)
     state = state_lib.abstract_state(tx, params_abs, shardings)
-    aux = {"ref": mesh_lib.abstract_with_shardings(params_abs, shardings["params"])} if task.setup else None
+    frozen = None
+    if lora_spec:  # the frozen base as it will be stored (bf16, or int8 kernels with their scales)
+        dtype = "bfloat16" if lora_spec.base_dtype == "int8" else lora_spec.base_dtype
+        _, base_state = models.abstract_params(model_cfg.without_lora().replace(param_dtype=dtype,
+                                                                               quantized=model_cfg.quantized))
+        frozen = mesh_lib.abstract_with_shardings(
+            nnx.to_pure_dict(base_state), nnx.to_pure_dict(mesh_lib.param_shardings(base_state, mesh, rules)))
+    ref = frozen if frozen is not None else mesh_lib.abstract_with_shardings(params_abs, shardings["params"])
+    aux = {"ref": ref} if task.setup else None
     step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb), out_shardings=(shardings, None),
                    donate_argnums=0)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, device_batch(host, task, mesh, rules), aux).compile()
+        compiled = step.lower(state, device_batch(host, task, mesh, rules), aux, frozen).compile()
     m = compiled.memory_analysis()
     if m is not None:
         xla = {k: getattr(m, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "generated_code")}

@@ -298,6 +298,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
     lora_spec, peft = lora.spec(cfg), None
     if lora_spec and lora_spec.init_from:
         model_cfg, peft = lora.load_peft(lora_spec.init_from, model_cfg, mesh, rules)
+        lora_spec = lora.with_trainable(lora_spec, peft)
         log(f"LoRA adapters from {lora_spec.init_from}: rank {model_cfg.lora_rank}, alpha {model_cfg.lora_alpha:g}, "
             f"on {', '.join(model_cfg.lora_targets)}")
     elif lora_spec:
@@ -306,8 +307,8 @@ def train(cfg, task: Task, log=print) -> RunResult:
     B, mb = micro_batching(cfg)
     specs = task.models(cfg, model_cfg) if task.models else None
     policy = next(iter(specs)) if specs else None
-    graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, specs, mesh, rules)
-    frozen = frozen_base(cfg, model_cfg, specs, mesh, rules) if lora_spec else None
+    graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, specs, mesh, rules, lora_spec)
+    frozen = frozen_base(lora_spec, cfg, model_cfg, specs, mesh, rules) if lora_spec else None
 
     ckpt = checkpoint.RunCheckpoints(cfg.run_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
     it = pipeline.Batches(train_data, B, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
@@ -417,10 +418,9 @@ def train(cfg, task: Task, log=print) -> RunResult:
                      rules)
 
 
-def frozen_base(cfg, model_cfg, specs, mesh, rules):
+def frozen_base(s, cfg, model_cfg, specs, mesh, rules):
     """The frozen base of a LoRA run in lora.base_dtype (int8: bf16 loaded, then quantised kernel by kernel);
     for multi-model tasks, one view per model of the same arrays (a critic's has no LM head)."""
-    s = lora.spec(cfg)
     dtype = "bfloat16" if s.base_dtype == "int8" else s.base_dtype
     base_cfg = model_cfg.without_lora().replace(param_dtype=dtype)
     base = initial_params(cfg, base_cfg, mesh, rules)
@@ -452,7 +452,7 @@ def micro_batching(cfg):
     return B, mb
 
 
-def state_spec(cfg, task, model_cfg, specs, mesh, rules):
+def state_spec(cfg, task, model_cfg, specs, mesh, rules, lora_spec=None):
     """(graphdef, abstract params, optimizer, lr schedule, state shardings) of a run: nothing allocated.
     With `specs` (multi-model tasks) graphdefs and params are dicts by model name."""
     if specs:
@@ -461,7 +461,7 @@ def state_spec(cfg, task, model_cfg, specs, mesh, rules):
             graphdef[name], params_abs[name], params_sh[name] = _abstract(mc, mesh, rules)
     else:
         graphdef, params_abs, params_sh = _abstract(model_cfg, mesh, rules)
-    s = lora.spec(cfg)
+    s = lora_spec or lora.spec(cfg)
     if s:  # only the adapters (and trained extras) are optimised and checkpointed
         sub = lambda t: lora.trainable(t, s)
         params_abs, params_sh = (({k: sub(v) for k, v in t.items()} if specs else sub(t)) for t in (params_abs, params_sh))
