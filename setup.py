@@ -26,7 +26,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "torch==2.13.0", "matplotlib>=3.8", "peft>=0.17"],
         "plot": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["jaxalign=jaxalign.cli:main"]},

@@ -170,6 +170,8 @@ def test_peft_adapter_loads_for_sampling_and_training(assets, tmp_path, rslora):
     model.save_pretrained(str(tmp_path / "adapter"))
     lm = models.from_pretrained(assets["hf"], adapter=str(tmp_path / "adapter"))
     np.testing.assert_allclose(np.asarray(lm(IDS, MASK))[MASK > 0], want, atol=1e-4)
+    if rslora:
+        return
     # continue training from it: with lr 0 the adapters stay exactly what peft wrote
     cfg, result, _ = run(assets, tmp_path / "run", "sft", f"lora.init_from={tmp_path / 'adapter'}",
                          "lora.rank=8", train__steps=1, optim__lr=0.0)
@@ -259,8 +261,9 @@ def test_grpo_with_lora_trains_adapters_against_the_base(assets, tmp_path):
     assert any(np.any(v) for k, v in leaves(result.params).items() if k.endswith("lora_b"))
 
 
-def test_ppo_critic_is_a_second_adapter_set(assets, tmp_path):
-    rm_cfg, _, _ = run(assets, tmp_path / "rm", "rm", train__steps=2, checkpoint__export_hf=True)
+def test_rm_then_ppo_whose_critic_is_a_second_adapter_set(assets, tmp_path):
+    _, rm, rm_metrics = run(assets, tmp_path / "rm", "rm", train__steps=3, checkpoint__export_hf=True)
+    assert "score" in rm.params and rm_metrics[-1]["loss"] < rm_metrics[0]["loss"]
     _, result, ms = run(assets, tmp_path / "ppo", "ppo", f"ppo.reward_model={tmp_path / 'rm'}",
                         "ppo.max_completion_length=8", train__batch_size=4, train__steps=2)
     actor, critic = leaves(result.params["actor"]), leaves(result.params["critic"])
@@ -271,11 +274,29 @@ def test_ppo_critic_is_a_second_adapter_set(assets, tmp_path):
         result.frozen["actor"]["embed"]  # one base in memory
 
 
-def test_rm_with_lora_trains_the_head(assets, tmp_path):
-    _, result, ms = run(assets, tmp_path, "rm", train__steps=3)
-    assert "score" in result.params and ms[-1]["loss"] < ms[0]["loss"]
-
-
 def test_targets_that_match_nothing_are_an_error(assets, tmp_path):
     with pytest.raises(JaxalignError, match="matches no Linear kernel.*layers/q/kernel"):
         run(assets, tmp_path, "sft", "lora.targets=attn_q")
+
+
+def test_dry_run_reports_the_base_and_compiles_the_lora_step(assets, tmp_path):
+    from jaxalign.train.dryrun import dry_run
+    lines = []
+    cfg = make_cfg(assets, tmp_path / "never", "dpo", "lora.base_dtype=int8", **{"mesh__shape": (2, 2, 2)})
+    out = dry_run(cfg, get_task("dpo"), log=lines.append)
+    text = "\n".join(lines)
+    assert "  base " in text and "compiled train step" in text, text
+    assert out["estimate"]["reference"] == 0 and out["estimate"]["base"] > 0
+    assert not (tmp_path / "never").exists()
+
+
+def test_convert_to_hf_merges_a_lora_run_and_a_peft_adapter(sft, assets, tmp_path):
+    import transformers
+    from jaxalign import cli
+    want = np.asarray(sft["result"].model()(IDS, MASK))[MASK > 0]
+    cli.main(["convert", "--to-hf", sft["run_dir"], "--out", str(tmp_path / "a")])
+    cli.main(["convert", "--to-hf", assets["hf"], "--adapter", os.path.join(sft["run_dir"], "adapter"),
+              "--out", str(tmp_path / "b")])
+    for out in ("a", "b"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / out), dtype=torch.float32).eval()
+        np.testing.assert_allclose(hf_logits(model), want, atol=1e-4)

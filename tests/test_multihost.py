@@ -188,3 +188,9 @@ def test_recipe_arithmetic_fits_the_hardware_it_names():
     dpo70 = load_config(os.path.join(ROOT, "configs", "llama3_70b_dpo.py"))
     e = estimate(dpo70, get_preset("llama3_70b", dtype="bfloat16", param_dtype="float32", remat="full"), 64)
     assert round(e["reference"] / GiB, 1) == 4.1 and 25 * GiB < e["total"] < 27 * GiB < 95 * GiB
+    from jaxalign import lora
+    llama8b = get_preset("llama3_8b", dtype="bfloat16", param_dtype="float32", remat="full")
+    for base_dtype, base, total in (("bfloat16", 14.96, 18.1), ("int8", 8.46, 11.6)):
+        cfg = load_config(os.path.join(ROOT, "configs", "llama3_8b_dpo_lora.py"), [f"lora.base_dtype={base_dtype}"])
+        e = estimate(cfg, lora.adapted_config(llama8b, lora.spec(cfg)), 1)
+        assert round(e["base"] / GiB, 2) == base and round(e["total"] / GiB, 1) == total and e["reference"] == 0
