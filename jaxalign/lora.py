@@ -41,7 +41,7 @@ class LoraSpec:
     targets: str          # regex searched in each Linear kernel's path ("layers/q/kernel", "lm_head/kernel")
     trainable: str        # regex of extra parameter paths trained in full (e.g. "norm"); "" = none
     base_dtype: str       # the frozen base's storage: bfloat16 | float32 | float16 | int8 (weight-only)
-    init_from: str        # a PEFT adapter directory (or a jaxalign LoRA run) to start the adapters from
+    init_from: str        # a PEFT adapter directory (or a LoRA run with its adapter/ export) to start from
 
 
 def spec(cfg) -> Optional[LoraSpec]:
@@ -145,8 +145,7 @@ def _graphdef(model_cfg: ModelConfig):
 
 def reference_graphdef(model_cfg: ModelConfig, params: dict):
     """The graphdef to run frozen `params` with (the base of a LoRA model, or a separately loaded copy)."""
-    return _graphdef(reference_config(model_cfg, params).replace(num_labels=model_cfg.num_labels,
-                                                                  lm_head=model_cfg.lm_head))
+    return _graphdef(reference_config(model_cfg, params))
 
 
 # ------------------------------------------------------------------------------------ quantisation
@@ -327,6 +326,8 @@ def load_peft(adapter_dir: str, base_cfg: ModelConfig, mesh, rules) -> tuple:
     from jaxalign.convert import hf
     from jaxalign.models import abstract_params
     from jaxalign.parallel import mesh as mesh_lib
+    if not is_peft_dir(adapter_dir) and is_peft_dir(os.path.join(adapter_dir, "adapter")):
+        adapter_dir = os.path.join(adapter_dir, "adapter")  # a finished jaxalign LoRA run
     where = os.path.join(adapter_dir, PEFT_CONFIG)
     c = hf.read_json(where)
     if c.get("peft_type", "LORA") != "LORA":

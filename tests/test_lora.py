@@ -22,7 +22,7 @@ from jaxalign.train import get_task
 from jaxalign.train.loop import read_metrics, reference_params, train
 from tests import hf_models
 from tests.configs_util import tiny_config
-from tests.test_train_preference import preference_records
+from tests.test_train_preference import preference_records, unpaired_records
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
 STEPS = 4
@@ -46,11 +46,13 @@ def assets(tmp_path_factory):
     prompts = [{"prompt": r["prompt"], "answer": "x"} for r in prefs]
     return {"tok": tok, "hf": hf, "pref": write_jsonl(d / "pref.jsonl", prefs),
             "sft": write_jsonl(d / "sft.jsonl", sft), "prompts": write_jsonl(d / "prompts.jsonl", prompts),
+            "kto": write_jsonl(d / "kto.jsonl", unpaired_records(16, 1)),
             "cache": str(d / "cache")}
 
 
 def make_cfg(assets, run_dir, task, *overrides, **fields):
-    data = {"sft": assets["sft"], "grpo": assets["prompts"], "ppo": assets["prompts"]}.get(task, assets["pref"])
+    data = {"sft": assets["sft"], "grpo": assets["prompts"], "ppo": assets["prompts"], "kto": assets["kto"]}.get(
+        task, assets["pref"])
     base = dict(model__path=assets["hf"], model__preset="", data__max_length=48, optim__lr=1e-2,
                 train__steps=STEPS, train__batch_size=8, checkpoint__async_save=False)
     return tiny_config(task, run_dir, assets["tok"], data, assets["cache"], "lora.rank=4", "lora.alpha=8",
@@ -272,6 +274,13 @@ def test_rm_then_ppo_whose_critic_is_a_second_adapter_set(assets, tmp_path):
     assert ms[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert "lm_head" not in result.frozen["critic"] and result.frozen["critic"]["embed"] is \
         result.frozen["actor"]["embed"]  # one base in memory
+
+
+@pytest.mark.parametrize("task", ["kto", "orpo"])
+def test_other_preference_trainers_train_adapters(assets, tmp_path, task):
+    _, result, ms = run(assets, tmp_path, task)
+    assert ms[-1]["loss"] < ms[0]["loss"]
+    assert all(np.any(v) for k, v in leaves(result.params).items() if k.endswith("lora_b"))
 
 
 def test_targets_that_match_nothing_are_an_error(assets, tmp_path):
