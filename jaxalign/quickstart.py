@@ -14,17 +14,11 @@ import time
 import numpy as np
 
 import jaxalign
-import jaxalign.models
 from jaxalign import sampling
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(jaxalign.__file__))), "configs",
                        "quickstart")
 MARKER = ".jaxalign-quickstart"
-
-
-def lm_of(result):
-    """The model a training run ended with, as a `jaxalign.models.LM`."""
-    return jaxalign.models.LM(result.model_config, result.graphdef, result.params, result.mesh)
 
 
 def complete(lm, tok, prompts: list, temperature: float = 0.0, n: int = 1, seed: int = 0) -> list:
@@ -87,7 +81,7 @@ def run(root: str = "runs/quickstart", log=print):
     sft = train(cfg, get_task("sft"), log=log)
     tok = load_tokenizer(cfg.tokenizer.path)
     records, prompts, answers = sorting_task(cfg.data.eval_files, tok)
-    sft_lm = lm_of(sft)
+    sft_lm = sft.model()
     log("samples (held-out, greedy):")
     for r, got, want in zip(records[:4], complete(sft_lm, tok, prompts[:4]), answers):
         log(f"  {r['messages'][0]['content']}  ->  {got}   [{'ok' if got == want else f'expected {want}'}]")
@@ -113,7 +107,7 @@ def run(root: str = "runs/quickstart", log=print):
     dpo_cfg = load_config(os.path.join(CONFIGS, "dpo.py"), [f"run_dir={os.path.join(root, 'dpo')}",
                                                            f"model.path={sft.run_dir}", f"data.train_files={pairs}"])
     dpo = train(dpo_cfg, get_task("dpo"), log=log)
-    dpo_lm = lm_of(dpo)
+    dpo_lm = dpo.model()
     log(f"held-out rewards/accuracies: before {first_eval(dpo.run_dir, 'eval/rewards/accuracies'):.1%}, "
         f"after {dpo.eval_metrics['eval/rewards/accuracies']:.1%}")
     for name, T, k in (("greedy", 0.0, 1), ("sampled at temperature 1", 1.0, 4)):

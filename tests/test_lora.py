@@ -17,7 +17,6 @@ import torch
 from flax import nnx
 
 from jaxalign import JaxalignError, lora, models
-from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import get_task
 from jaxalign.train.loop import read_metrics, reference_params, train
 from tests import hf_models

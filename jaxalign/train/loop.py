@@ -486,10 +486,10 @@ def real_tokens(host: dict) -> int:
 
 
 def export_hf(run_dir, model_cfg, graphdef, params, mesh, rules):
+    """The policy as an HF checkpoint in run_dir/hf (with LoRA: merged, in the frozen base's dtype)."""
     if model_cfg.lora_rank or model_cfg.quantized:
         model_cfg, params = lora.merge(model_cfg, params)
-        model_cfg = model_cfg.replace(param_dtype=next(
-            str(v.dtype) for v in jax.tree.leaves(params) if jnp.issubdtype(v.dtype, jnp.floating) and v.ndim > 1))
+        model_cfg = model_cfg.replace(param_dtype=str(params["embed"].dtype))
     lm = models.LM(model_cfg, graphdef, params, mesh, rules, source=run_dir)
     lm.save_pretrained(os.path.join(run_dir, "hf"), overwrite=True)
 
