@@ -10,7 +10,8 @@ from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import memory
 from jaxalign.train import state as state_lib
-from jaxalign.train.loop import device_batch, load_tokenizer, make_train_step, micro_batching, model_config, state_spec
+from jaxalign.train.loop import (device_batch, load_tokenizer, make_train_step, micro_batching, model_config,
+                                 split_base_reference, state_spec)
 
 
 def dry_run(cfg, task, log=print) -> dict:
@@ -52,9 +53,9 @@ def dry_run(cfg, task, log=print) -> dict:
         frozen = mesh_lib.abstract_with_shardings(
             nnx.to_pure_dict(base_state), nnx.to_pure_dict(mesh_lib.param_shardings(base_state, mesh, rules)))
     ref = frozen if frozen is not None else mesh_lib.abstract_with_shardings(params_abs, shardings["params"])
-    aux = {"ref": ref} if task.setup else None
-    step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    ref_is_base, aux = split_base_reference({"ref": ref} if task.setup else None, frozen)
+    step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb, ref_is_base),
+                   out_shardings=(shardings, None), donate_argnums=0)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, device_batch(host, task, mesh, rules), aux, frozen).compile()
     m = compiled.memory_analysis()

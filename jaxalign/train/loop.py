@@ -107,7 +107,10 @@ def _with_lora_dropout(model, rate: float, key):
     return model
 
 
-def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
+def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int, ref_is_base: bool = False):
+    """The jitted-to-be step(state, batch, aux, frozen). `ref_is_base`: the task's reference (aux["ref"]) is the
+    LoRA base, passed once as `frozen` and put back into aux here (the same arrays as two jit arguments would
+    be counted twice by XLA's memory analysis)."""
     dropout = cfg.lora.dropout if cfg.lora.rank else 0.0
 
     def loss_fn(params, batch, key, aux, frozen):
@@ -121,6 +124,8 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch, aux, frozen=None):
+        if ref_is_base:
+            aux = {**aux, "ref": frozen}
         rng, key = jax.random.split(state["rng"])
         params = state["params"]
         batch = with_pre_step(task, graphdef, full_params(graphdef, params, frozen), batch, cfg, aux)
@@ -228,6 +233,13 @@ def initial_params(cfg, model_cfg, mesh, rules, source=None) -> dict:
         lm = models.from_config(model_cfg, mesh, rules, seed=cfg.seed)
     wanted = nnx.to_pure_dict(models.abstract_params(model_cfg)[1])
     return {k: v for k, v in lm.pure_params().items() if k in wanted}
+
+
+def split_base_reference(aux, base):
+    """(whether aux["ref"] is the LoRA base itself, aux without it then): see make_train_step."""
+    if base is not None and isinstance(aux, dict) and aux.get("ref") is base:
+        return True, {k: v for k, v in aux.items() if k != "ref"}
+    return False, aux
 
 
 def reference_params(cfg, model_cfg, mesh, rules, source=None, base=None):
@@ -338,7 +350,8 @@ def train(cfg, task: Task, log=print) -> RunResult:
     base = (frozen[policy] if specs else frozen) if lora_spec else None
     aux = task.setup(cfg, model_cfg, graphdef, mesh, rules, [d for d in (train_data, eval_data) if d],
                      log, base=base) if task.setup else None
-    step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb),
+    ref_is_base, step_aux = split_base_reference(aux, base)
+    step_fn = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb, ref_is_base),
                       out_shardings=(shardings, None), donate_argnums=0)
     rollout = task.make_rollout(cfg, model_cfg, graphdef, mesh, rules, tokenizer, log, base=base) \
         if task.make_rollout else None
@@ -373,7 +386,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
             tokens += real_tokens(host) * jax.process_count()
             flops += metrics_lib.train_flops_per_token(model_cfg, T) * host_rows(host) * jax.process_count() * T
             with jax.set_mesh(mesh):
-                state, report = step_fn(state, device_batch(host, task, mesh, rules), aux, frozen)
+                state, report = step_fn(state, device_batch(host, task, mesh, rules), step_aux, frozen)
             step += 1
             window.append(report)
             nonfinite_run = nonfinite_run + 1 if float(report["nonfinite"]) else 0
