@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
                  kl_horizon=10000, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, vf_coef=0.1,
                  reward_clip=10.0, missing_eos_penalty=0.0, whiten_advantages=True, num_collect_steps=1,
                  ppo_epochs=1, mask_truncated_completions=False, eval_temperature=0.0, ptx_files="",
-                 ptx_coef=0.0)
+                 ptx_coef=0.0, reward_funcs="", reward_weights="")
     return c
 
 

@@ -4,7 +4,9 @@ Stage 1 (SFT): a tiny LLaMA, from scratch, learns to sort digits; prints held-ou
 after, and greedy samples. Stage 2 (RM): a reward model from it learns to tell a correct sort from a
 mistake; prints held-out pair accuracy before and after. Stage 3 (DPO): the SFT model's own mistakes
 (sampled with jaxalign.sampling) against the answers; prints held-out rewards/accuracies and exact match
-(greedy and sampled) before and after. Later stages (PPO, GRPO) start from stage 1 too.
+(greedy and sampled) before and after. Stages 4 and 5 (GRPO, PPO with a critic): online RL from the SFT model
+with a verifiable reward (1 when the completion is the prompt's digits sorted); prints the held-out mean
+reward at the sampling temperature and exact match (greedy and sampled) before and after.
 """
 import json
 import os
@@ -77,7 +79,7 @@ def run(root: str = "runs/quickstart", log=print):
 
     cfg = load_config(os.path.join(CONFIGS, "sft.py"), [f"run_dir={os.path.join(root, 'sft')}"])
     t0 = time.time()
-    log("jaxalign quickstart, stage 1/3: SFT of a tiny LLaMA (from scratch) to sort digits")
+    log("jaxalign quickstart, stage 1/5: SFT of a tiny LLaMA (from scratch) to sort digits")
     sft = train(cfg, get_task("sft"), log=log)
     tok = load_tokenizer(cfg.tokenizer.path)
     records, prompts, answers = sorting_task(cfg.data.eval_files, tok)
@@ -90,7 +92,7 @@ def run(root: str = "runs/quickstart", log=print):
     log(f"model: {sft.run_dir} (HF export: {os.path.join(sft.run_dir, 'hf')}); stage 1 took {time.time() - t0:.0f}s")
     t0 = time.time()
 
-    log("stage 2/3: a reward model from the SFT model, on pairs (a correct sort vs a mistake)")
+    log("stage 2/5: a reward model from the SFT model, on pairs (a correct sort vs a mistake)")
     rm_cfg = load_config(os.path.join(CONFIGS, "rm.py"), [f"run_dir={os.path.join(root, 'rm')}",
                                                          f"model.path={sft.run_dir}"])
     rm = train(rm_cfg, get_task("rm"), log=log)
@@ -100,7 +102,7 @@ def run(root: str = "runs/quickstart", log=print):
         f"stage 2 took {time.time() - t0:.0f}s")
     t0 = time.time()
 
-    log("stage 3/3: DPO from the SFT model on its own mistakes (sampled at temperature 1) vs the answers")
+    log("stage 3/5: DPO from the SFT model on its own mistakes (sampled at temperature 1) vs the answers")
     pairs = os.path.join(root, "dpo_pairs.jsonl")
     n = on_policy_pairs(sft_lm, tok, *sorting_task(cfg.data.train_files, tok), pairs)
     log(f"{n} on-policy pairs in {pairs}")
@@ -114,4 +116,20 @@ def run(root: str = "runs/quickstart", log=print):
         b, a = (task_accuracy(m, tok, prompts, answers, T, k) for m in (sft_lm, dpo_lm))
         log(f"held-out exact match, {name}: before (SFT) {b:.1%}, after (DPO) {a:.1%}")
     log(f"policy: {dpo.run_dir} (HF export: {os.path.join(dpo.run_dir, 'hf')}); stage 3 took {time.time() - t0:.0f}s")
-    return sft, rm, dpo
+
+    rl = {}
+    for stage, task, key, what in ((4, "grpo", "eval/reward", "GRPO (8 samples per prompt, group-normalised "
+                                    "advantages)"), (5, "ppo", "eval/score", "PPO (actor and critic, GAE)")):
+        t0 = time.time()
+        log(f"stage {stage}/5: {what} from the SFT model; reward 1 when the completion sorts the prompt's digits")
+        rl_cfg = load_config(os.path.join(CONFIGS, f"{task}.py"), [f"run_dir={os.path.join(root, task)}",
+                                                                   f"model.path={sft.run_dir}"])
+        rl[task] = train(rl_cfg, get_task(task), log=log)
+        rl_lm = rl[task].model()
+        log(f"held-out mean reward (sampled at temperature 1): before {first_eval(rl[task].run_dir, key):.3f}, "
+            f"after {rl[task].eval_metrics[key]:.3f}")
+        for name, T, k in (("greedy", 0.0, 1), ("sampled at temperature 1", 1.0, 4)):
+            b, a = (task_accuracy(m, tok, prompts, answers, T, k) for m in (sft_lm, rl_lm))
+            log(f"held-out exact match, {name}: before (SFT) {b:.1%}, after ({task.upper()}) {a:.1%}")
+        log(f"policy: {rl[task].run_dir}; stage {stage} took {time.time() - t0:.0f}s")
+    return sft, rm, dpo, rl["grpo"], rl["ppo"]

@@ -30,15 +30,15 @@ def sorted_digits(prompts, completions, **_):
     return out
 
 
-def load_reward_funcs(spec: str, weights: str = "", required: bool = True) -> list:
+def load_reward_funcs(spec: str, weights: str = "", required: bool = True, section: str = "grpo") -> list:
     """[(name, function, weight)] from 'module:function,path/file.py:function' and '1.0,0.5'."""
     names = [s.strip() for s in str(spec).split(",") if s.strip()]
     if not names and required:
-        raise JaxalignError("grpo.reward_funcs is empty: name at least one reward function (module:function) "
-                            "or a grpo.reward_model")
+        raise JaxalignError(f"{section}.reward_funcs is empty: name at least one reward function (module:function) "
+                            f"or a {section}.reward_model")
     ws = [float(w) for w in str(weights).split(",") if w.strip()] or [1.0] * len(names)
     if len(ws) != len(names):
-        raise JaxalignError(f"grpo.reward_weights has {len(ws)} entries for {len(names)} reward functions")
+        raise JaxalignError(f"{section}.reward_weights has {len(ws)} entries for {len(names)} reward functions")
     out = []
     for name, w in zip(names, ws):
         module, _, attr = name.rpartition(":")

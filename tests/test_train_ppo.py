@@ -162,3 +162,14 @@ def test_eval_reports_the_reward_model_score(assets, tmp_path):
         "train.eval_every=1")
     ev = [m for m in read_metrics(str(tmp_path)) if "eval/score" in m]
     assert len(ev) == 2 and all(np.isfinite(m["eval/score"]) and m["eval/completions/mean_length"] > 0 for m in ev)
+
+
+def test_reward_functions_without_a_reward_model(assets, tmp_path):
+    """ppo.reward_funcs alone: the score is the function's value (here the completion's length in
+    characters, a constant reward model would give none of it); the critic starts from the policy."""
+    fn = tmp_path / "rf.py"
+    fn.write_text("def chars(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
+    run(assets, tmp_path / "run", "ppo.reward_model=", f"ppo.reward_funcs={fn}:chars", "ppo.reward_clip=1000.0",
+        "train.steps=1", f"data.eval_files={assets['prompts']}", "train.eval_before=true", "train.eval_every=1")
+    ev = [m for m in read_metrics(str(tmp_path / "run")) if "eval/score" in m]
+    assert len(ev) == 2 and all(m["eval/score"] > 0 for m in ev)

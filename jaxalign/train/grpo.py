@@ -142,6 +142,35 @@ class Generator:
                 "completion_mask": np.concatenate([np.zeros_like(mask), comp_mask], 1).astype(np.int32)}
 
 
+def score_completions(funcs, rm, rm_weight, host, texts, G, rows=None):
+    """Weighted reward sum [n] (NaN where nothing could score) and each reward's values, for the n = rows*G
+    completions `texts` of a host batch (G per prompt): reward functions called with the prompts, the
+    completions and the records' extra fields, plus `rm_weight` times the reward model's score of `rows`.
+    Padding rows (weight 0: the end of an eval set) are not shown to the reward functions."""
+    is_real = np.repeat(np.asarray(host["weight"]) > 0, G)
+    real, n = np.flatnonzero(is_real), len(is_real)
+    prompts = [host["prompt"][i // G] for i in real]
+    extras = [host["extra"][i // G] for i in real]
+    kwargs = {k: [e.get(k) for e in extras] for k in sorted({k for e in extras for k in e})}
+    total, each = np.zeros(n), {}
+    scored = np.zeros(n, bool)
+    for name, fn, w in funcs:
+        vals = fn(prompts=prompts, completions=[texts[i] for i in real], **kwargs)
+        if len(vals) != len(real):
+            raise JaxalignError(f"reward function {name} returned {len(vals)} values for {len(real)} completions")
+        r = np.full(n, np.nan)
+        r[real] = [np.nan if v is None else float(v) for v in vals]
+        each[name] = r
+        scored |= ~np.isnan(r)
+        total += w * np.nan_to_num(r)
+    if rm is not None:
+        r = np.where(is_real, rm.score(rows), np.nan)
+        each["reward_model"] = r
+        scored |= ~np.isnan(r)
+        total += rm_weight * np.nan_to_num(r)
+    return np.where(scored, total, np.nan), each
+
+
 class Rollout(Generator):
     """Generation, scoring and advantages on the host side of each step (Task.make_rollout)."""
 
@@ -165,29 +194,7 @@ class Rollout(Generator):
 
     # ---- scoring
     def score(self, host, texts, G, rows=None):
-        """Weighted reward sum [n] (NaN where no function could score) and each function's rewards. Padding
-        rows (weight 0: the end of an eval set) are not shown to the reward functions."""
-        real = np.flatnonzero(np.repeat(np.asarray(host["weight"]) > 0, G))
-        prompts = [host["prompt"][i // G] for i in real]
-        extras = [host["extra"][i // G] for i in real]
-        kwargs = {k: [e.get(k) for e in extras] for k in sorted({k for e in extras for k in e})}
-        total, each = np.zeros(len(texts)), {}
-        scored = np.zeros(len(texts), bool)
-        for name, fn, w in self.funcs:
-            vals = fn(prompts=prompts, completions=[texts[i] for i in real], **kwargs)
-            if len(vals) != len(real):
-                raise JaxalignError(f"reward function {name} returned {len(vals)} values for {len(real)} completions")
-            r = np.full(len(texts), np.nan)
-            r[real] = [np.nan if v is None else float(v) for v in vals]
-            each[name] = r
-            scored |= ~np.isnan(r)
-            total += w * np.nan_to_num(r)
-        if self.rm is not None:
-            r = np.where(np.repeat(np.asarray(host["weight"]) > 0, G), self.rm.score(rows), np.nan)
-            each["reward_model"] = r
-            scored |= ~np.isnan(r)
-            total += self.cfg.grpo.reward_model_weight * np.nan_to_num(r)
-        return np.where(scored, total, np.nan), each
+        return score_completions(self.funcs, self.rm, self.cfg.grpo.reward_model_weight, host, texts, G, rows)
 
     def state(self) -> dict:
         return {}

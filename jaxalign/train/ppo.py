@@ -1,10 +1,11 @@
 """PPO with a critic (`task="ppo"`), ColossalChat / OpenRLHF style, on the generic loop.
 
 Models: the actor (the policy, trained), the critic (trained: a scalar head on a decoder, initialised from
-`ppo.critic_path`, default the reward model), the frozen reference (the starting policy or `ppo.ref_path`)
-and the frozen reward model (`ppo.reward_model`: a jaxalign RM run/dir or an HF *ForSequenceClassification
-directory; its stored normalisation, if any, is applied). Actor and critic live in one train state as
-{"actor", "critic"} with one AdamW each (`ppo.critic_lr`, default optim.lr), clipped separately.
+`ppo.critic_path`, default the reward model, else the policy's start), the frozen reference (the starting
+policy or `ppo.ref_path`) and the frozen reward model (`ppo.reward_model`: a jaxalign RM run/dir or an HF
+*ForSequenceClassification directory; its stored normalisation, if any, is applied). The score is the reward
+model's plus the weighted reward functions `ppo.reward_funcs` (GRPO's kind; either may be absent). Actor and
+critic live in one train state as {"actor", "critic"} with one AdamW each (`ppo.critic_lr`, default optim.lr), clipped separately.
 
 An episode: num_collect_steps batches of train.batch_size prompts are sampled with the live actor params;
 for each, one jitted pass gives the actor's old log-probs (temperature-scaled), the reference log-probs,
@@ -33,7 +34,8 @@ from jaxalign.data import pipeline
 from jaxalign.losses import policy as P
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
-from jaxalign.train.grpo import METRIC, Generator, rollout_metrics, token_logps
+from jaxalign.rewards import load_reward_funcs
+from jaxalign.train.grpo import METRIC, Generator, rollout_metrics, score_completions, token_logps
 from jaxalign.train.loop import Task, reference_params
 from jaxalign.train.optim import make_optimizer, per_model
 from jaxalign.train.reward import FrozenRewardModel, last_index
@@ -46,9 +48,9 @@ def episode_steps(cfg) -> int:
 
 def check_config(cfg):
     c = cfg.ppo
-    if not c.reward_model:
+    if not c.reward_model and not c.reward_funcs:
         raise JaxalignError("ppo.reward_model is not set (a jaxalign reward-model run or an HF "
-                            "*ForSequenceClassification directory)")
+                            "*ForSequenceClassification directory) and there are no ppo.reward_funcs")
     if c.kl_estimator not in ("k1", "k3"):
         raise JaxalignError(f"ppo.kl_estimator={c.kl_estimator!r}: expected k1 or k3")
     if c.temperature <= 0:
@@ -77,8 +79,10 @@ def ppo_models(cfg, model_cfg):
                                 "the policy's frozen base (with a fresh value head)")
         return {"actor": (model_cfg, None),
                 "critic": (model_cfg.replace(lm_head=False, num_labels=1, reward_mean=0.0, reward_std=1.0), None)}
-    source = cfg.ppo.critic_path or cfg.ppo.reward_model
-    critic = models.load_config(source, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+    # the critic starts from ppo.critic_path, else the reward model, else (reward functions only) the policy's start
+    source = cfg.ppo.critic_path or cfg.ppo.reward_model or None
+    critic = models.load_config(source, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype) \
+        if source else model_cfg
     if critic.vocab_size != model_cfg.vocab_size:
         raise JaxalignError(f"{source}: the critic's vocabulary ({critic.vocab_size}) differs from the "
                             f"policy's ({model_cfg.vocab_size}); they must share a tokenizer")
@@ -140,7 +144,9 @@ class Rollout(Generator):
         c = cfg.ppo
         super().__init__(cfg, c, model_cfg, graphdef["actor"], mesh, rules, tokenizer)
         self.log, self.kl_coef, self.buffer = log, float(c.kl_coef), []
-        self.rm = FrozenRewardModel(cfg, c.reward_model, model_cfg, mesh, rules, "ppo.reward_model")
+        self.rm = FrozenRewardModel(cfg, c.reward_model, model_cfg, mesh, rules, "ppo.reward_model") \
+            if c.reward_model else None
+        self.funcs = load_reward_funcs(c.reward_funcs, c.reward_weights, required=False, section="ppo")
         self.ref_params = reference_params(cfg, model_cfg, mesh, rules, c.ref_path or None, base)
         actor_g, critic_g, T = graphdef["actor"], graphdef["critic"], c.temperature
         ref_g = lora.reference_graphdef(model_cfg, self.ref_params)
@@ -185,15 +191,15 @@ class Rollout(Generator):
     def collect(self, host, params, step) -> dict:
         c = self.cfg.ppo
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
-        ids, mask, tokens, lengths, stopped, _ = self.generate(host, self.policy(params), self.sp, 1, key,
-                                                               decode=False)
+        ids, mask, tokens, lengths, stopped, texts = self.generate(host, self.policy(params), self.sp, 1, key,
+                                                                   decode=bool(self.funcs))
         rows = self.sequences(ids, mask, tokens, lengths, stopped, c.mask_truncated_completions)
         dev = mesh_lib.shard_batch(rows, self.mesh, self.rules)
         with jax.set_mesh(self.mesh):
             out = self._experience(params["actor"], params["critic"], self.ref_params, dev)
         n = len(ids)
         old, ref, values = (self.local(x, n) for x in out)
-        score = self.rm.score(rows)
+        score = self.sequence_scores(host, rows, texts)
         action = rows["completion_mask"][:, 1:].astype(np.float32)
         kl = np.asarray(P.kl_penalty(jnp.asarray(old), jnp.asarray(ref), c.kl_estimator)) * action
         score = np.clip(score, -c.reward_clip, c.reward_clip) - c.missing_eos_penalty * (~stopped)
@@ -211,6 +217,12 @@ class Rollout(Generator):
                 METRIC + "explained_variance": np.full(n, 1.0 - resid.var() / max(var, 1e-8), np.float32),
                 METRIC + "completions/mean_length": lengths.astype(np.float32),
                 METRIC + "completions/clipped_ratio": (~stopped).astype(np.float32)}
+
+    def sequence_scores(self, host, rows, texts):
+        """The reward model's score plus the weighted reward functions (ppo.reward_funcs) of each row; 0 where
+        nothing could score (a padding row, or every function returned None)."""
+        total, _ = score_completions(self.funcs, self.rm, 1.0, host, texts, 1, rows)
+        return np.nan_to_num(total)
 
     def whiten(self):
         """Advantages whitened over every action token of the episode (returns were taken before)."""
@@ -232,8 +244,9 @@ class Rollout(Generator):
 
     def eval_columns(self, host, params, generated) -> dict:
         """The reward model's score of each held-out completion."""
-        ids, mask, tokens, lengths, stopped, _ = generated
-        return {"score": self.rm.score(self.sequences(ids, mask, tokens, lengths, stopped, False))}
+        ids, mask, tokens, lengths, stopped, texts = generated
+        return {"score": self.sequence_scores(host, self.sequences(ids, mask, tokens, lengths, stopped, False),
+                                              texts)}
 
 
 TASK = Task("ppo", ppo_loss, models=ppo_models, optimizer=ppo_optimizer, pre_step=ppo_pre_step,
