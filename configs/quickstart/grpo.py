@@ -1,10 +1,11 @@
-"""GRPO from the quickstart's SFT model with a verifiable reward (the digits sorted or not).
+"""Quickstart stage 4: GRPO from the SFT model with a verifiable reward (the digits sorted or not).
 
-The SFT model is right on ~94% of held-out lists greedily but only ~77% of the time at temperature 1; GRPO at
-temperature 1 raises the sampled exact match (= mean reward) to ~85% in 600 steps (~2 min on one CPU core)
-while greedy exact match holds. Progress is slow per step (the errors left are the model's real
-uncertainty, mostly on 6-digit lists): at 60 steps nothing is visible, and lr >= 2e-4 costs greedy accuracy.
-The held-out eval samples at the training temperature (eval_temperature=1, one completion per prompt).
+The SFT model is right on ~95% of held-out lists greedily but only ~75% of the time at temperature 1. GRPO at
+temperature 1 sharpens the sampled policy: in the quickstart, held-out mean reward 0.770 -> 0.860 and sampled
+exact match 75.2% -> 82.5% in 600 steps (65 s on 2 CPU cores), greedy 95.5% -> 95.0%. Progress is slow per
+step (the errors left are the model's real uncertainty, mostly on 6-digit lists): at 60 steps nothing is
+visible, and lr >= 2e-4 costs greedy accuracy (87% at 2e-4). The held-out eval samples at the training
+temperature (eval_temperature=1, one completion per prompt).
 On its own:
 jaxalign train --config configs/quickstart/grpo.py --config.model.path=runs/quickstart/sft
 """

@@ -1,11 +1,12 @@
-"""PPO from the quickstart's SFT model with the verifiable reward (the digits sorted or not: ppo.reward_funcs).
+"""Quickstart stage 5: PPO from the SFT model with the verifiable reward (ppo.reward_funcs: the digits sorted or not).
 
 The quickstart reward model (stage 2) is not used: it learned "sorted and the right length", not "the prompt's
-digits", and RL against it finds answers such as "5 8 8 8 8" that outscore the right sort (see the online-RL
-issue's notes). The critic starts from the SFT model with a fresh scalar head. The held-out eval samples at
-the training temperature (one completion per prompt). lam=1 (returns minus the critic's value) because the
-fresh critic explains little of the return early on; 800 steps (~4 min on one CPU core) take sampled exact
-match from ~77% to ~85%. Needs ppo.reward_funcs (PPO reward functions). On its own:
+digits", and RL against it finds answers such as "5 8 8 8 8" that outscore the right sort. The critic starts
+from the SFT model with a fresh scalar head; lam=1 (returns minus the critic's value) because the fresh critic
+explains little of the return early on. In the quickstart, 800 steps (147 s on 2 CPU cores) take held-out mean
+reward 0.770 -> 0.855 and sampled exact match 75.2% -> 83.4% (greedy 95.5% -> 96.0%). The held-out eval
+samples at the training temperature (one completion per prompt).
+On its own:
 jaxalign train --config configs/quickstart/ppo.py --config.model.path=runs/quickstart/sft
 """
 import os
