@@ -62,6 +62,13 @@ def on_policy_pairs(lm, tok, records, prompts, answers, path, samples=4, seed=1)
     return n
 
 
+def compare_exact_match(before, after, name, tok, prompts, answers, log):
+    """Held-out exact match of the SFT model and a later stage's, greedy and sampled (4 per prompt at T=1)."""
+    for how, T, k in (("greedy", 0.0, 1), ("sampled at temperature 1", 1.0, 4)):
+        b, a = (task_accuracy(m, tok, prompts, answers, T, k) for m in (before, after))
+        log(f"held-out exact match, {how}: before (SFT) {b:.1%}, after ({name}) {a:.1%}")
+
+
 def first_eval(run_dir, key):
     return next(m[key] for m in jaxalign.train.loop.read_metrics(run_dir) if key in m)
 
@@ -109,12 +116,9 @@ def run(root: str = "runs/quickstart", log=print):
     dpo_cfg = load_config(os.path.join(CONFIGS, "dpo.py"), [f"run_dir={os.path.join(root, 'dpo')}",
                                                            f"model.path={sft.run_dir}", f"data.train_files={pairs}"])
     dpo = train(dpo_cfg, get_task("dpo"), log=log)
-    dpo_lm = dpo.model()
     log(f"held-out rewards/accuracies: before {first_eval(dpo.run_dir, 'eval/rewards/accuracies'):.1%}, "
         f"after {dpo.eval_metrics['eval/rewards/accuracies']:.1%}")
-    for name, T, k in (("greedy", 0.0, 1), ("sampled at temperature 1", 1.0, 4)):
-        b, a = (task_accuracy(m, tok, prompts, answers, T, k) for m in (sft_lm, dpo_lm))
-        log(f"held-out exact match, {name}: before (SFT) {b:.1%}, after (DPO) {a:.1%}")
+    compare_exact_match(sft_lm, dpo.model(), "DPO", tok, prompts, answers, log)
     log(f"policy: {dpo.run_dir} (HF export: {os.path.join(dpo.run_dir, 'hf')}); stage 3 took {time.time() - t0:.0f}s")
 
     rl = {}
@@ -125,11 +129,8 @@ def run(root: str = "runs/quickstart", log=print):
         rl_cfg = load_config(os.path.join(CONFIGS, f"{task}.py"), [f"run_dir={os.path.join(root, task)}",
                                                                    f"model.path={sft.run_dir}"])
         rl[task] = train(rl_cfg, get_task(task), log=log)
-        rl_lm = rl[task].model()
         log(f"held-out mean reward (sampled at temperature 1): before {first_eval(rl[task].run_dir, key):.3f}, "
             f"after {rl[task].eval_metrics[key]:.3f}")
-        for name, T, k in (("greedy", 0.0, 1), ("sampled at temperature 1", 1.0, 4)):
-            b, a = (task_accuracy(m, tok, prompts, answers, T, k) for m in (sft_lm, rl_lm))
-            log(f"held-out exact match, {name}: before (SFT) {b:.1%}, after ({task.upper()}) {a:.1%}")
+        compare_exact_match(sft_lm, rl[task].model(), task.upper(), tok, prompts, answers, log)
         log(f"policy: {rl[task].run_dir}; stage {stage} took {time.time() - t0:.0f}s")
     return sft, rm, dpo, rl["grpo"], rl["ppo"]
