@@ -14,7 +14,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,9 +25,7 @@ from jaxalign.parallel import mesh as mesh_lib  # noqa: E402
 from jaxalign.train import get_task, loop  # noqa: E402
 from jaxalign.train import state as state_lib  # noqa: E402
 
-SMALL = dict(model_type="llama", vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=6,
-             num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024, eos_token_id=2,
-             pad_token_id=0, bos_token_id=1)
+SMALL = presets.PRESETS["small"]
 
 
 def nbytes(tree) -> int:
@@ -38,7 +35,7 @@ def nbytes(tree) -> int:
 def bench(args, rank: int):
     cfg = apply_overrides(base_config(), [f"lora.rank={rank}", f"lora.base_dtype={args.base_dtype}",
                                           f"train.batch_size={args.batch}", "mesh.shape=(1,-1,1)"])
-    model_cfg = (presets.get_preset(args.preset) if args.preset else models.ModelConfig(**SMALL)).replace(
+    model_cfg = (presets.get_preset(args.preset) if args.preset else SMALL).replace(
         dtype=args.dtype, param_dtype="float32", remat=args.remat)
     s = lora.spec(cfg)
     if s:

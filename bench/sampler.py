@@ -27,16 +27,14 @@ from jaxalign.parallel.mesh import make_mesh  # noqa: E402
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "TPU v5 lite": 0.819e12,
                    "TPU v5e": 0.819e12, "TPU v5p": 2.765e12, "TPU v4": 1.2e12, "TPU v6": 1.64e12}
 
-SMALL = dict(model_type="llama", vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=6,
-             num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024, eos_token_id=2,
-             pad_token_id=0, bos_token_id=1)
+SMALL = presets.PRESETS["small"]
 
 
 def model_config(args):
     if args.preset:
         cfg = presets.get_preset(args.preset)
     else:
-        cfg = models.ModelConfig(**SMALL)
+        cfg = SMALL
     return cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
 
 

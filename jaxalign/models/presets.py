@@ -15,6 +15,10 @@ PRESETS = {
     "tiny": ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, norm_eps=1e-5,
                         tie_word_embeddings=True),
+    # ~27M parameters (8192 vocab): the CPU benchmark shape (bench/)
+    "small": ModelConfig(model_type="llama", vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=6,
+                         num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0),
     "llama3_1b": ModelConfig(**dict(_LLAMA3, head_dim=64), hidden_size=2048, intermediate_size=8192, num_layers=16,
                              num_heads=32, tie_word_embeddings=True, rope_scaling=_LLAMA32_ROPE),
     "llama3_3b": ModelConfig(**_LLAMA3, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,

@@ -398,6 +398,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
                 last = {k: float(np.mean([float(r[k]) for r in window])) for k in window[-1]}
                 last["nonfinite"] = float(sum(float(r["nonfinite"]) for r in window))
                 last["tokens_per_sec"] = tokens / elapsed
+                last["step_time"] = elapsed / len(window)
                 last["tflops_per_sec_per_device"] = flops / elapsed / n_dev / 1e12
                 if peak:
                     last["mfu"] = flops / elapsed / n_dev / peak
