@@ -308,3 +308,9 @@ def test_convert_to_hf_merges_a_lora_run_and_a_peft_adapter(sft, assets, tmp_pat
     for out in ("a", "b"):
         model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / out), dtype=torch.float32).eval()
         np.testing.assert_allclose(hf_logits(model), want, atol=1e-4)
+
+
+def test_lora_run_from_a_random_init_says_why_it_cannot_load(assets, tmp_path):
+    run(assets, tmp_path, "sft", model__path="", model__preset="tiny", train__steps=1)
+    with pytest.raises(JaxalignError, match="random init"):
+        models.from_pretrained(str(tmp_path))

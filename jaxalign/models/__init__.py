@@ -191,20 +191,21 @@ def _with_adapters(path: str, adapter: Optional[str], kw: dict) -> LM:
     from jaxalign.convert import hf
     if adapter is None:  # a LoRA run directory: its base, and the adapters of its latest checkpoint
         info = hf.read_json(os.path.join(path, lora.RUN_FILE))
+        if not info.get("base"):
+            raise JaxalignError(f"{path}: this LoRA run started from a random init (model.preset); its base "
+                                f"weights were never saved, so the adapters cannot be loaded without them")
         base = from_pretrained(info["base"], **kw)
         adapted = ModelConfig.from_dict(hf.read_json(os.path.join(path, NATIVE_CONFIG))).replace(
-            **{k: getattr(base.config, k) for k in RUNTIME_FIELDS})
+            **{k: getattr(base.config, k) for k in RUNTIME_FIELDS if k != "param_dtype"})  # adapters as trained
         _, abs_state = abstract_params(adapted)
         s = lora.LoraSpec(**{k: v for k, v in info.items() if k != "base"})
         shardings = lora.trainable(nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, base.mesh, base.rules)), s)
         target = mesh_lib.abstract_with_shardings(lora.trainable(nnx.to_pure_dict(abs_state), s), shardings)
         trained = checkpoint.restore_run_params(path, target)
-        source = path
     else:
         if not lora.is_peft_dir(adapter):
             raise JaxalignError(f"{adapter}: not a PEFT adapter directory ({lora.PEFT_CONFIG} not found)")
         base = from_pretrained(path, **kw)
         adapted, trained = lora.load_peft(adapter, base.config, base.mesh, base.rules)
-        source = path
     cfg, params = lora.merge(adapted, lora.combine(base.pure_params(), trained), dtype=base.config.weights_dtype)
-    return LM(cfg, abstract_params(cfg)[0], params, base.mesh, base.rules, source=source)
+    return LM(cfg, abstract_params(cfg)[0], params, base.mesh, base.rules, source=path)
