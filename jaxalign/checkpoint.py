@@ -17,7 +17,7 @@ def save_params(path: str, params: dict):
     ckptr.close()
 
 
-def _keystr(path) -> str:
+def keystr(path) -> str:
     """'opt_state/1/0/count': dict keys, sequence indices and namedtuple fields alike (Orbax's metadata
     and the target tree spell them differently)."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -25,9 +25,9 @@ def _keystr(path) -> str:
 
 def check_tree(path: str, stored, target):
     """Every target array must be stored with the same shape; report the first that is not, by name."""
-    stored = {_keystr(p): m for p, m in jax.tree.leaves_with_path(stored)}
+    stored = {keystr(p): m for p, m in jax.tree.leaves_with_path(stored)}
     for p, t in jax.tree.leaves_with_path(target):
-        name = _keystr(p)
+        name = keystr(p)
         if name not in stored:
             raise JaxalignError(f"{path}: parameter {name!r} is missing")
         if tuple(stored[name].shape) != tuple(t.shape):

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import JaxalignError
+from jaxalign.checkpoint import keystr
 from jaxalign.models.config import ModelConfig
 
 ADAPTER_KEYS = ("lora_a", "lora_b")
@@ -63,15 +64,11 @@ def spec(cfg) -> Optional[LoraSpec]:
                     c.init_from)
 
 
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def linear_modules(model_cfg: ModelConfig) -> list:
     """Module paths of the Linear layers LoRA can adapt (every kernel but the scalar head's)."""
     from jaxalign.models import abstract_params
     pure = nnx.to_pure_dict(abstract_params(model_cfg.without_lora())[1])
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
+    paths = [keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
     return [p[: -len("/kernel")] for p in paths if p.endswith("/kernel") and not p.startswith("score/")]
 
 
@@ -97,7 +94,7 @@ def is_trainable(path: str, s: Optional[LoraSpec]) -> bool:
 
 def with_trainable(s: LoraSpec, tree: dict) -> LoraSpec:
     """`s` with the non-adapter leaves of `tree` (a loaded adapter's modules_to_save) trained as well."""
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    paths = [keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
     extra = [re.escape(p) for p in paths if not is_trainable(p, s)]
     if not extra:
         return s
@@ -133,8 +130,8 @@ def combine(frozen: dict, train: dict) -> dict:
 
 def reference_config(model_cfg: ModelConfig, params: dict) -> ModelConfig:
     """The config of a frozen model's params: no adapters; quantised when its kernels are int8."""
-    quantized = any(path_str(p).endswith("kernel_scale") for p, _ in jax.tree_util.tree_leaves_with_path(params))
-    return model_cfg.replace(lora_rank=0, lora_alpha=0.0, lora_targets=(), quantized=quantized)
+    quantized = any(keystr(p).endswith("kernel_scale") for p, _ in jax.tree_util.tree_leaves_with_path(params))
+    return model_cfg.without_lora().replace(quantized=quantized)
 
 
 @functools.lru_cache(maxsize=32)
@@ -279,14 +276,15 @@ def save_peft(model_cfg: ModelConfig, params: dict, out_dir: str, *, base_name: 
     for module in model_cfg.lora_targets:
         if module not in linear:
             raise _fused_error(base_cfg, module)
-        a_all, b_all = to_host(_get(params, module)["lora_a"]), to_host(_get(params, module)["lora_b"])
+        mod = tree_get_path(params, module)
+        a_all, b_all = to_host(mod["lora_a"]), to_host(mod["lora_b"])
         for name, layer, _ in linear[module]:
             a, b = (a_all, b_all) if layer is None else (a_all[layer], b_all[layer])
             tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T, np.float32)
             tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T, np.float32)
             targets.add(name.rsplit(".", 1)[-1])
     for p, v in jax.tree_util.tree_leaves_with_path(params):
-        path = path_str(p)
+        path = keystr(p)
         if path.rsplit("/", 1)[-1] in ADAPTER_KEYS:
             continue
         for t in by_path.get(path, []):
@@ -306,12 +304,6 @@ def save_peft(model_cfg: ModelConfig, params: dict, out_dir: str, *, base_name: 
         save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, PEFT_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _get(tree, module: str):
-    for k in module.split("/"):
-        tree = tree[k]
-    return tree
 
 
 def is_peft_dir(path: str) -> bool:
@@ -359,7 +351,7 @@ def load_peft(adapter_dir: str, base_cfg: ModelConfig, mesh, rules) -> tuple:
     shardings = nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh, rules))
     out, used = {}, set()
     for module in targets:
-        mod_abs = _get(abstract, module)
+        mod_abs = tree_get_path(abstract, module)
         a = np.zeros(mod_abs["lora_a"].shape, np.float32)
         b = np.zeros(mod_abs["lora_b"].shape, np.float32)
         for name, layer, _ in linear[module]:
@@ -378,10 +370,10 @@ def load_peft(adapter_dir: str, base_cfg: ModelConfig, mesh, rules) -> tuple:
             else:
                 a[layer], b[layer] = va, vb
             used.update((ka, kb))
-        sh = _get(shardings, module)
+        sh = tree_get_path(shardings, module)
         leaf = {"lora_a": hf._put(a.astype(mod_abs["lora_a"].dtype), sh["lora_a"]),
                 "lora_b": hf._put(b.astype(mod_abs["lora_b"].dtype), sh["lora_b"])}
-        _set(out, module, leaf)
+        tree_set_path(out, module, leaf)
     for key, value in stored.items():  # modules_to_save: trained copies of base tensors
         if key in used:
             continue
@@ -390,30 +382,33 @@ def load_peft(adapter_dir: str, base_cfg: ModelConfig, mesh, rules) -> tuple:
         if not specs:
             raise JaxalignError(f"{path}: tensor {key!r} matches no parameter of the base model")
         p, t = specs[0]
-        target = _get(abstract, p)
+        target = tree_get_path(abstract, p)
         x = np.asarray(t.to_ours(value)[0], np.float32)
         if t.layer is not None:
-            full = _get(out, p) if _has(out, p) else np.zeros(target.shape, np.float32)
+            full = tree_get_path(out, p) if _has(out, p) else np.zeros(target.shape, np.float32)
             full[t.layer] = x
             x = full
-        _set(out, p, x)
+        tree_set_path(out, p, x)
     out = _to_devices(out, abstract, shardings)
     return adapted, out
 
 
+def tree_get_path(tree, path: str):
+    from jaxalign.convert.hf import tree_get
+    return tree_get(tree, path.split("/"))
+
+
+def tree_set_path(tree, path: str, value):
+    from jaxalign.convert.hf import tree_set
+    tree_set(tree, path.split("/"), value)
+
+
 def _has(tree, path):
     try:
-        _get(tree, path)
+        tree_get_path(tree, path)
         return True
     except (KeyError, TypeError):
         return False
-
-
-def _set(tree, path: str, value):
-    keys = path.split("/")
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
 
 
 def _to_devices(tree, abstract, shardings, prefix=""):
@@ -424,8 +419,8 @@ def _to_devices(tree, abstract, shardings, prefix=""):
         if isinstance(v, dict):
             out[k] = _to_devices(v, abstract, shardings, p)
         elif isinstance(v, np.ndarray):
-            t = _get(abstract, p)
-            out[k] = hf._put(v.astype(t.dtype), _get(shardings, p))
+            t = tree_get_path(abstract, p)
+            out[k] = hf._put(v.astype(t.dtype), tree_get_path(shardings, p))
         else:
             out[k] = v
     return out

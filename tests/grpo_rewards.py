@@ -15,3 +15,8 @@ def answer_length(prompts, completions, answer, **_):
 
 def unscorable(prompts, completions, **_):
     return [None] * len(completions)
+
+
+def half_scorable(prompts, completions, **_):
+    """1 + the completion's length on even rows, None (cannot score) on odd rows."""
+    return [None if i % 2 else 1.0 + len(c) for i, c in enumerate(completions)]

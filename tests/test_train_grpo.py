@@ -107,6 +107,25 @@ def test_unscorable_completions_get_zero_advantage(assets, tmp_path):
     assert ms[0]["reward"] == 0 and ms[0]["loss"] == 0
 
 
+def test_unscorable_rows_in_a_scored_group_get_zero_advantage(assets, tmp_path):
+    """Odd completions cannot be scored: their advantage is exactly 0 while their scored group mates' is not
+    (group centring alone would give them a nonzero one)."""
+    from jaxalign import models
+    from jaxalign.data import pipeline, templates
+    from jaxalign.parallel import mesh as mesh_lib
+    from jaxalign.train import grpo
+    cfg = make_cfg(assets, tmp_path, "grpo.reward_funcs=tests.grpo_rewards:half_scorable", "grpo.scale_rewards=none")
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
+    model_cfg = loop.model_config(cfg, tok)
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+    params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
+    ro = grpo.Rollout(cfg, model_cfg, models.abstract_params(model_cfg)[0], mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
+    out = ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
+    adv = out["advantages"]
+    assert np.all(adv[1::2] == 0) and np.abs(adv[0::2]).max() > 0
+
+
 @pytest.mark.parametrize("overrides", [("train.micro_batch_size=2",), ("mesh.shape=(2,2,2)",)])
 def test_accumulation_and_mesh_do_not_change_the_numbers(base, assets, tmp_path, overrides):
     _, ms = run(assets, tmp_path, f"train.steps={STEPS}", *overrides)

@@ -163,13 +163,13 @@ def _validate(st: SafetensorsDir, specs, hf_dir):
     return unused
 
 
-def _tree_get(tree, path):
+def tree_get(tree, path):
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _tree_set(tree, path, value):
+def tree_set(tree, path, value):
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
@@ -196,17 +196,17 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, target: dict, log=print) -> di
     for spec in specs:
         parts = spec.to_ours(st.get(spec.name))
         for path, part in zip(spec.paths, parts):
-            t = _tree_get(target, path)
+            t = tree_get(target, path)
             part = np.asarray(part, dtype=t.dtype)
             if spec.layer is None:
-                _tree_set(out, path, _put(part, t.sharding))
+                tree_set(out, path, _put(part, t.sharding))
                 continue
             layer_sharding = NamedSharding(t.sharding.mesh, P(*tuple(t.sharding.spec)[1:]))
             try:
-                stack = _tree_get(out, path)
+                stack = tree_get(out, path)
             except KeyError:
                 stack = jax.jit(lambda: jax.numpy.zeros(t.shape, t.dtype), out_shardings=t.sharding)()
-            _tree_set(out, path, _set_layer(stack, _put(part, layer_sharding), spec.layer))
+            tree_set(out, path, _set_layer(stack, _put(part, layer_sharding), spec.layer))
     return out
 
 
@@ -229,7 +229,7 @@ _take_layer = jax.jit(lambda stack, i: stack[i])
 def _hf_array(spec, params):
     parts = []
     for path in spec.paths:
-        x = _tree_get(params, path)
+        x = tree_get(params, path)
         parts.append(to_host(x if spec.layer is None else _take_layer(x, spec.layer)))
     return np.ascontiguousarray(spec.to_hf(*parts))
 

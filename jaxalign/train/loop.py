@@ -336,6 +336,8 @@ def train(cfg, task: Task, log=print) -> RunResult:
         if specs and lora_spec:
             params = {k: lora.init_trainable(mc, frozen[k], lora_spec, mesh, rules, cfg.seed + i)
                       for i, (k, (mc, _)) in enumerate(specs.items())}
+            if peft is not None:  # a loaded adapter is the policy's
+                params[policy] = lora.combine(params[policy], peft)
         elif specs:
             params = {k: initial_params(cfg, mc, mesh, rules, source=src) for k, (mc, src) in specs.items()}
         elif lora_spec:
@@ -478,7 +480,8 @@ def state_spec(cfg, task, model_cfg, specs, mesh, rules, lora_spec=None):
     s = lora_spec or lora.spec(cfg)
     if s:  # only the adapters (and trained extras) are optimised and checkpointed
         sub = lambda t: lora.trainable(t, s)
-        params_abs, params_sh = (({k: sub(v) for k, v in t.items()} if specs else sub(t)) for t in (params_abs, params_sh))
+        each = (lambda t: {k: sub(v) for k, v in t.items()}) if specs else sub
+        params_abs, params_sh = each(params_abs), each(params_sh)
     tx, lr_fn = (task.optimizer or (lambda c, n, _: make_optimizer(c.optim, n)))(cfg, cfg.train.steps, params_abs)
     return graphdef, params_abs, tx, lr_fn, state_lib.state_shardings(tx, params_abs, params_sh, mesh)
 
