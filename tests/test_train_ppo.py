@@ -169,7 +169,22 @@ def test_reward_functions_without_a_reward_model(assets, tmp_path):
     characters, a constant reward model would give none of it); the critic starts from the policy."""
     fn = tmp_path / "rf.py"
     fn.write_text("def chars(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
-    run(assets, tmp_path / "run", "ppo.reward_model=", f"ppo.reward_funcs={fn}:chars", "ppo.reward_clip=1000.0",
-        "train.steps=1", f"data.eval_files={assets['prompts']}", "train.eval_before=true", "train.eval_every=1")
+    result, _ = run(assets, tmp_path / "run", "ppo.reward_model=", f"ppo.reward_funcs={fn}:chars",
+                    "ppo.reward_clip=1000.0", "train.steps=1", f"data.eval_files={assets['prompts']}",
+                    "train.eval_before=true", "train.eval_every=1")
     ev = [m for m in read_metrics(str(tmp_path / "run")) if "eval/score" in m]
-    assert len(ev) == 2 and all(m["eval/score"] > 0 for m in ev)
+    assert len(ev) == 2
+    # the score before training is the mean length of the starting policy's greedy completions (sampler direct)
+    from jaxalign import sampling
+    from jaxalign.data import formats, templates
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    renderer = templates.Renderer(tok)
+    prompts = [renderer.prompt(formats.normalize(r, "prompt")["prompt"], r.where)
+               for r in formats.read_records(assets["prompts"])]
+    cfg = make_cfg(assets, tmp_path / "run", "ppo.reward_model=", f"ppo.reward_funcs={fn}:chars")
+    start = loop.initial_params(cfg, result.model_config, result.mesh, loop.mesh_lib.DEFAULT_RULES)
+    lm = models.LM(result.model_config, result.graphdef["actor"], start, result.mesh)
+    ids, mask = sampling.left_pad(prompts, tok.pad_token_id)
+    out = sampling.generate(lm, ids, mask, max_new_tokens=8, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
+    texts = [tok.decode(c, skip_special_tokens=True) for c in sampling.completions(out)]
+    assert ev[0]["eval/score"] == pytest.approx(np.mean([len(t) for t in texts]), abs=1e-5)
