@@ -30,16 +30,27 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import sampler as sampler_bench  # noqa: E402
+from jaxalign import models  # noqa: E402
 from jaxalign.config import apply_overrides, base_config  # noqa: E402
+from jaxalign.models.presets import get_preset  # noqa: E402
+from jaxalign.parallel.mesh import make_mesh  # noqa: E402
 from jaxalign.train import get_task  # noqa: E402
+from jaxalign.train.dryrun import dry_run  # noqa: E402
 from jaxalign.train.loop import read_metrics, train  # noqa: E402
 from jaxalign.train.metrics import peak_flops  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "jaxalign", "assets", "quickstart")
-KINDS = ("sft", "rm", "dpo", "dpo_pre", "grpo", "ppo")
-SUITES = {"cpu": dict(preset="small", dtype="float32", batch=8, length=128),
-          "gpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096),
-          "tpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096)}
+KINDS = ("sft", "rm", "dpo", "dpo_pre", "grpo", "ppo", "sampler")
+SETTINGS = ("suite", "preset", "dtype", "batch", "length", "remat", "steps", "sampler_batch", "sampler_prompt",
+            "sampler_new")
+# sampler_*: the `sampler` kind's batch, longest prompt and new tokens (prompts are prompt/2..prompt long)
+SUITES = {"cpu": dict(preset="small", dtype="float32", batch=8, length=128, remat="dots",
+                      sampler_batch=8, sampler_prompt=64, sampler_new=64),
+          "gpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096, remat="dots",
+                      sampler_batch=64, sampler_prompt=1024, sampler_new=512),
+          "tpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096, remat="dots",
+                      sampler_batch=64, sampler_prompt=1024, sampler_new=512)}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -74,6 +85,19 @@ def kind_config(kind: str, args, run_dir: str):
     return apply_overrides(base_config(), o)
 
 
+def peak_memory():
+    """Peak bytes in use on device 0 since the process started (None on CPU, which keeps no such count)."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def step_memory(cfg) -> int:
+    """XLA's memory analysis of the compiled train step (arguments + outputs + temporaries, per device),
+    from the dry run; None for the kinds it does not compile (rollouts, precomputed reference log-probs)."""
+    xla = dry_run(cfg, get_task(cfg.task), log=lambda *_: None).get("xla")
+    return xla and xla["argument"] + xla["output"] + xla["temp"]
+
+
 def bench_kind(kind: str, args, peak: float) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cfg = kind_config(kind, args, os.path.join(d, kind))
@@ -81,12 +105,30 @@ def bench_kind(kind: str, args, peak: float) -> dict:
         train(cfg, get_task(cfg.task), log=lambda *_: None)
         wall = time.perf_counter() - t0
         steps = [m for m in read_metrics(cfg.run_dir) if "step_time" in m]
+        memory = step_memory(cfg)
     first, rest = steps[0], steps[1:] or steps
     step = float(np.median([m["step_time"] for m in rest]))
     flops = float(np.median([m["tflops_per_sec_per_device"] for m in rest])) * 1e12
     return {"step_time_s": step, "tokens_per_sec": float(np.median([m["tokens_per_sec"] for m in rest])),
             "mfu": flops / peak if peak else None, "compile_s": max(first["step_time"] - step, 0.0),
-            "wall_s": wall}
+            "wall_s": wall, "step_memory_bytes": memory, "peak_memory_bytes": peak_memory()}
+
+
+def bench_sampler(args) -> dict:
+    """Prefill/decode throughput of the sampler on the preset's own shape (its vocabulary, random weights) and
+    the decode step against the weight-bandwidth bound; on CPU with --torch, transformers `generate` too."""
+    cfg = get_preset(args.preset).replace(dtype=args.dtype, param_dtype=args.dtype)
+    lm = models.from_config(cfg, mesh=make_mesh((1, -1, 1)))
+    ps = sampler_bench.prompts(args.sampler_batch, args.sampler_prompt, cfg.vocab_size)
+    r = sampler_bench.measure(lm, ps, args.sampler_new, repeats=max(args.steps, 1),
+                              bandwidth=sampler_bench.device_bandwidth())
+    print(f"sampler  {sampler_bench.report(r)}")
+    if args.torch and jax.devices()[0].platform == "cpu":
+        hf = sampler_bench.bench_hf(lm, ps, args.sampler_new, max(args.steps, 1), threads=os.cpu_count())
+        r.update(hf_generate_s=hf, vs_generate=hf / r["total_s"])
+        print(f"transformers generate {hf * 1e3:.1f} ms: the sampler is {r['vs_generate']:.2f}x faster")
+    r["peak_memory_bytes"] = peak_memory()
+    return r
 
 
 def torch_sft_step(args) -> float:
@@ -115,6 +157,17 @@ def torch_sft_step(args) -> float:
     return float(np.median(times))
 
 
+def in_child(kind: str, args) -> dict:
+    """One kind's results (and its torch side-by-side) from a fresh process: its own device memory peak."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r.jsonl")
+        argv = [sys.executable, "-m", "bench.run", "--suite", args.suite, "--kinds", kind, "--out", out,
+                "--no-isolate"] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SETTINGS if k != "suite"]
+        subprocess.run(argv + (["--torch"] if args.torch else []), cwd=ROOT, check=True)
+        with open(out) as f:
+            return json.loads(f.readline())["results"]
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -130,11 +183,18 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="compute dtype")
     p.add_argument("--batch", type=int, default=None, help="rows (prompts for GRPO: batch/4 x 4 samples)")
     p.add_argument("--length", type=int, default=None, help="every row is padded to this length")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default=None, help="none | dots | full (suite default: dots, the fastest on CPU)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up/compile step)")
     p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--torch", action="store_true", help="CPU: also time the SFT step in transformers + torch")
+    p.add_argument("--sampler-batch", type=int, default=None)
+    p.add_argument("--sampler-prompt", type=int, default=None, help="longest prompt (the shortest is half)")
+    p.add_argument("--sampler-new", type=int, default=None, help="new tokens per row")
+    p.add_argument("--torch", action="store_true",
+                   help="CPU: also time the SFT step in transformers + torch, and `generate` for the sampler")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.jsonl"))
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each kind in its own process, so the device's peak memory is that kind's "
+                        "(default: on for accelerators)")
     args = p.parse_args(argv)
     for k, v in SUITES[args.suite].items():
         if getattr(args, k) is None:
@@ -144,23 +204,33 @@ def main(argv=None):
     print(f"{jax.devices()[0].device_kind} x {jax.device_count()}, {args.preset}, batch {args.batch} x "
           f"{args.length}, {args.dtype}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s"
           f"{' (measured f32 matmul)' if on_cpu else ''}")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise SystemExit(f"--kinds: unknown kind {unknown[0]!r} (choose from {', '.join(KINDS)})")
     results = {}
-    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
-        if kind not in KINDS:
-            raise SystemExit(f"--kinds: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+    isolate = (not on_cpu) if args.isolate is None else args.isolate
+    for kind in kinds:
+        if isolate and len(kinds) > 1:
+            results.update(in_child(kind, args))
+            continue
+        if kind == "sampler":
+            results[kind] = bench_sampler(args)
+            continue
         r = results[kind] = bench_kind(kind, args, peak)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        mem = "  ".join(f"{name} {r[k] / 2**30:.2f} GiB" for name, k in
+                        (("step memory", "step_memory_bytes"), ("peak", "peak_memory_bytes")) if r[k])
         print(f"{kind:8s} step {r['step_time_s'] * 1e3:8.1f} ms  {r['tokens_per_sec']:9.0f} tok/s  MFU {mfu:>6s}  "
-              f"compile {r['compile_s']:.1f} s")
-    if args.torch and "sft" in results:
+              f"compile {r['compile_s']:.1f} s  {mem}")
+    if args.torch and "sft" in results and "torch_sft_step_time_s" not in results:
         t = torch_sft_step(args)
         results["torch_sft_step_time_s"] = t
         print(f"torch eager SFT step {t * 1e3:.1f} ms: jaxalign is {t / results['sft']['step_time_s']:.2f}x faster")
     line = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": {"device": jax.devices()[0].device_kind, "count": jax.device_count(),
                          "cpus": os.cpu_count()},
-            "commit": commit(), "settings": {k: getattr(args, k) for k in
-                                             ("suite", "preset", "dtype", "batch", "length", "remat", "steps")},
+            "commit": commit(), "settings": {k: getattr(args, k) for k in SETTINGS},
             "peak_flops": peak, "results": results}
     with open(args.out, "a") as f:
         f.write(json.dumps(line) + "\n")

@@ -4,10 +4,10 @@
     python bench/sampler.py --preset llama3_1b --dtype bfloat16 --batch 64 --no-hf     # GPU: vs the bound
 
 Both sides decode greedily with no EOS (every row runs max_new_tokens), after a warm-up run, from the same
-left-padded prompts of mixed lengths. Tokens/s counts generated tokens. On an accelerator it also times one
-decode step (from a run with N and one with 1 new tokens) against the weight-bandwidth bound: the bytes of
-the parameters read once per step divided by the device's HBM bandwidth (the KV cache read is reported
-beside it).
+left-padded prompts of mixed lengths. Tokens/s counts generated tokens. It also times one decode step
+(from a run with N and one with 1 new tokens) against the weight-bandwidth bound: the bytes of the parameters
+read once per step over the device's HBM bandwidth (on CPU: the streaming bandwidth measured in the same run).
+`python -m bench.run` runs the same measurement as its `sampler` kind.
 """
 import argparse
 import os
@@ -31,16 +31,14 @@ SMALL = presets.PRESETS["small"]
 
 
 def model_config(args):
-    if args.preset:
-        cfg = presets.get_preset(args.preset)
-    else:
-        cfg = SMALL
+    cfg = presets.get_preset(args.preset) if args.preset else SMALL
     return cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
 
 
-def prompts(args, vocab):
+def prompts(batch: int, prompt_len: int, vocab: int):
+    """Random prompts of prompt_len/2 .. prompt_len tokens (the batch is left-padded to the longest)."""
     rng = np.random.default_rng(0)
-    lens = rng.integers(args.prompt_len // 2, args.prompt_len + 1, size=args.batch)
+    lens = rng.integers(prompt_len // 2, prompt_len + 1, size=batch)
     return [rng.integers(3, vocab, size=n).tolist() for n in lens]
 
 
@@ -54,7 +52,25 @@ def timed(fn, repeats):
     return best
 
 
-def bench_jax(lm, ps, new_tokens, repeats):
+def memory_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of the default device reading a large float32 array once (a jitted sum): the CPU's measured
+    streaming bandwidth, the bound of a decode step that reads every weight."""
+    x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
+    f = jax.jit(lambda a: a.sum())
+    return n_bytes / timed(lambda: f(x).block_until_ready(), repeats)
+
+
+def device_bandwidth() -> float:
+    """The accelerator's published HBM bandwidth, or on CPU the one measured now."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return memory_bandwidth()
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k.lower() in dev.device_kind.lower()), None)
+
+
+def measure(lm, ps, new_tokens: int, repeats: int = 3, bandwidth=None) -> dict:
+    """Prefill and decode throughput of jaxalign.sampling.generate (greedy, no EOS: every row decodes
+    new_tokens), and one decode step against the weight-bandwidth bound (parameter bytes / bandwidth)."""
     ids, mask = sampling.left_pad(ps, 0)
 
     def run(n):
@@ -62,7 +78,17 @@ def bench_jax(lm, ps, new_tokens, repeats):
                                                                eos_token_id=-1).tokens)
     full = timed(run(new_tokens), repeats)
     prefill = timed(run(1), repeats)
-    return full, prefill
+    step = max(full - prefill, 1e-9) / max(new_tokens - 1, 1)
+    B = len(ps)
+    out = {"batch": B, "prompt_tokens": int(sum(map(len, ps))), "new_tokens": new_tokens, "total_s": full,
+           "prefill_s": prefill, "decode_step_s": step,
+           "prefill_tokens_per_sec": float(np.asarray(mask).sum()) / prefill,
+           "decode_tokens_per_sec": B / step, "tokens_per_sec": B * new_tokens / full}
+    if bandwidth:
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
+        out.update(param_bytes=param_bytes, bandwidth=bandwidth, bound_s=param_bytes / bandwidth,
+                   of_bound=param_bytes / bandwidth / step)
+    return out
 
 
 def bench_hf(lm, ps, new_tokens, repeats, threads):
@@ -82,9 +108,19 @@ def bench_hf(lm, ps, new_tokens, repeats, threads):
     return timed(run, repeats)
 
 
+def report(r: dict) -> str:
+    line = (f"jaxalign: {r['tokens_per_sec']:,.0f} tokens/s ({r['total_s'] * 1e3:.1f} ms); prefill "
+            f"{r['prefill_tokens_per_sec']:,.0f} tokens/s ({r['prefill_s'] * 1e3:.1f} ms), decode "
+            f"{r['decode_tokens_per_sec']:,.0f} tokens/s ({r['decode_step_s'] * 1e3:.3f} ms a step)")
+    if "bound_s" in r:
+        line += (f"; decode step vs the weight-bandwidth bound {r['bound_s'] * 1e3:.3f} ms "
+                 f"({r['param_bytes'] / 1e9:.3f} GB at {r['bandwidth'] / 1e9:,.0f} GB/s): {r['of_bound']:.0%}")
+    return line
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="", help="a jaxalign preset (default: a 30M-parameter LLaMA)")
+    p.add_argument("--preset", default="", help="a jaxalign preset (default: the `small` 27M-parameter LLaMA)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -97,29 +133,17 @@ def main(argv=None):
     cfg = model_config(args)
     mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
     lm = models.from_config(cfg, mesh=mesh)
-    ps = prompts(args, cfg.vocab_size)
-    n_tok = args.batch * args.new_tokens
+    ps = prompts(args.batch, args.prompt_len, cfg.vocab_size)
     dev = jax.devices()[0]
-    print(f"device {dev.device_kind} x{len(jax.devices())}, model {args.preset or 'small llama'} "
+    print(f"device {dev.device_kind} x{len(jax.devices())}, model {args.preset or 'small'} "
           f"{cfg.num_params() / 1e6:.1f}M params {args.dtype}, batch {args.batch}, prompts "
           f"{args.prompt_len // 2}-{args.prompt_len} tokens, {args.new_tokens} new tokens")
-    full, prefill = bench_jax(lm, ps, args.new_tokens, args.repeats)
-    step = (full - prefill) / max(args.new_tokens - 1, 1)
-    print(f"jaxalign: {n_tok / full:,.0f} tokens/s ({full * 1e3:.1f} ms; prefill {prefill * 1e3:.1f} ms, "
-          f"decode step {step * 1e3:.3f} ms)")
+    r = measure(lm, ps, args.new_tokens, args.repeats, device_bandwidth())
+    print(report(r))
     if not args.no_hf:
         hf = bench_hf(lm, ps, args.new_tokens, args.repeats, threads=os.cpu_count())
-        print(f"transformers generate: {n_tok / hf:,.0f} tokens/s ({hf * 1e3:.1f} ms)")
-        print(f"ratio jaxalign / transformers: {hf / full:.2f}x")
-    bw = next((v for k, v in HBM_BYTES_PER_S.items() if k.lower() in dev.device_kind.lower()), None)
-    if bw:
-        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
-        S = args.prompt_len + args.new_tokens
-        kv_bytes = 2 * cfg.num_layers * args.batch * S * cfg.num_kv_heads * cfg.head_dim * np.dtype(args.dtype).itemsize
-        bound = param_bytes / bw
-        print(f"decode step {step * 1e3:.3f} ms vs weight-bandwidth bound {bound * 1e3:.3f} ms "
-              f"({param_bytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s): {bound / step:.0%} of the bound "
-              f"(KV cache read per step at full length: {kv_bytes / 1e9:.3f} GB)")
+        print(f"transformers generate: {args.batch * args.new_tokens / hf:,.0f} tokens/s ({hf * 1e3:.1f} ms); "
+              f"jaxalign is {hf / r['total_s']:.2f}x faster")
 
 
 if __name__ == "__main__":

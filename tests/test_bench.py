@@ -1,5 +1,5 @@
-"""The benchmark entry point runs (one step of every kind on the tiny preset, and the torch side-by-side) and
-appends a complete results line; no speed is asserted (speed lives in bench/README.md)."""
+"""The benchmark entry point runs (one step of every kind on the tiny preset, the sampler, and the torch
+side-by-sides) and appends a complete results line; no speed is asserted (speed lives in bench/README.md)."""
 import json
 import math
 
@@ -9,11 +9,28 @@ from bench import run
 def test_bench_runs_every_kind_and_records_it(tmp_path):
     out = tmp_path / "results.jsonl"
     line = run.main(["--suite", "cpu", "--preset", "tiny", "--steps", "1", "--batch", "4", "--length", "64", "--torch",
-                     "--out", str(out)])
+                     "--sampler-batch", "2", "--sampler-prompt", "8", "--sampler-new", "4", "--out", str(out)])
     stored = json.loads(out.read_text().splitlines()[-1])
     assert stored["settings"]["preset"] == "tiny" and stored["commit"] and stored["peak_flops"] > 0
-    for kind in run.KINDS:
+    for kind in run.KINDS[:-1]:
         r = line["results"][kind]
         assert r["step_time_s"] > 0 and r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1, (kind, r)
         assert math.isfinite(r["compile_s"]), kind
+    # XLA's memory analysis of the compiled step exists for the offline kinds (the dry run's), not for rollouts
+    assert all(line["results"][k]["step_memory_bytes"] > 0 for k in ("sft", "rm", "dpo"))
+    assert line["results"]["grpo"]["step_memory_bytes"] is None
     assert line["results"]["torch_sft_step_time_s"] > 0
+    s = line["results"]["sampler"]
+    assert s["prompt_tokens"] >= 2 * 4 and s["new_tokens"] == 4
+    assert s["prefill_tokens_per_sec"] > 0 and s["decode_tokens_per_sec"] > 0 and s["vs_generate"] > 0
+    # the bound: every parameter byte read once per decode step, at the bandwidth measured in the run
+    assert s["bound_s"] == s["param_bytes"] / s["bandwidth"] and s["of_bound"] > 0
+
+
+def test_isolated_kinds_run_in_their_own_processes(tmp_path):
+    out = tmp_path / "results.jsonl"
+    line = run.main(["--suite", "cpu", "--preset", "tiny", "--steps", "1", "--batch", "4", "--length", "32",
+                     "--kinds", "sft,sampler", "--isolate", "--sampler-batch", "2", "--sampler-prompt", "8",
+                     "--sampler-new", "2", "--out", str(out)])
+    assert set(line["results"]) == {"sft", "sampler"} and line["results"]["sft"]["step_time_s"] > 0
+    assert len(out.read_text().splitlines()) == 1  # the children wrote to their own files

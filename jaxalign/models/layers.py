@@ -78,22 +78,28 @@ def norm(p: dict, x, kind: str, eps: float):
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
 
 
+def _matmul(x, k, contract: int):
+    """x[..., *in] @ k[*in, *out] as one 2-D matmul [M, in] @ [in, out] (M = the flattened leading dims).
+    XLA:CPU lays out the backward's weight-gradient dots badly for 3-D operands (a transposed copy of
+    every activation gradient, fused with its elementwise producer: ~1.5x slower train steps); 2-D operands
+    keep the plain layout. Merging the batch-major leading dims keeps their sharding (batch is the major one)."""
+    lead, ins, outs = x.shape[:-contract], k.shape[:contract], k.shape[contract:]
+    y = x.reshape(-1, math.prod(ins)) @ k.reshape(math.prod(ins), math.prod(outs))
+    return y.reshape(*lead, *outs)
+
+
 def dense(p: dict, x, contract: int = 1):
     """x[..., *in] @ kernel[*in, *out] (+ bias); `contract` = number of input dims of the kernel.
     With LoRA adapters (lora_b already multiplied by alpha/r, see `prepare_weights`): + (x A) B.
     Dropout on the adapters' input, when `p` carries a `lora_dropout` (rate, key) pair."""
-    k = p["kernel"]
-    in_letters = "abcd"[:contract]
-    out_letters = "wxyz"[: k.ndim - contract]
-    y = jnp.einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x, k)
+    y = _matmul(x, p["kernel"], contract)
     if "lora_a" in p:
         xa = x
         if "lora_dropout" in p:
             rate, key = p["lora_dropout"]
             keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
             xa = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-        h = jnp.einsum(f"...{in_letters},{in_letters}r->...r", xa, p["lora_a"])
-        y = y + jnp.einsum(f"...r,r{out_letters}->...{out_letters}", h, p["lora_b"])
+        y = y + _matmul(_matmul(xa, p["lora_a"], contract), p["lora_b"], 1)
     return y + p["bias"] if "bias" in p else y
 
 
