@@ -180,7 +180,8 @@ def apply_rope(x, cos, sin):
 # --------------------------------------------------------------------------------------- attention
 
 class KVCache(NamedTuple):
-    """Decoding cache for all layers: k, v [L, B, S, K, Dh]; `mask` [B, S] marks slots holding real tokens;
+    """Decoding cache for all layers: k, v [L, B, K, S, Dh] (slots next to each other per kv head, the layout the
+    decode step's attention dots read without a transposed copy); `mask` [B, S] marks slots holding real tokens;
     `index` is the next slot to write (the same for every row: prompts are left-padded).
 
     The caller (the sampler) keeps `index + new tokens <= max_len`: under jit the index is traced and
@@ -193,7 +194,7 @@ class KVCache(NamedTuple):
     @classmethod
     def init(cls, config, batch: int, max_len: int, dtype=None):
         dtype = dtype or config.compute_dtype
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
                    jnp.zeros((), jnp.int32))
 
@@ -214,3 +215,19 @@ def attention(q, k, v, mask, dist, window, impl=None):
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
                                        implementation=impl)
     return out
+
+
+def cached_attention(q, k, v, mask, dist, window):
+    """Attention over a KV cache: q [B,T,N,Dh], k/v [B,K,S,Dh] (the cache's layout), mask [B,1,T,S]. The same
+    arithmetic as jax.nn.dot_product_attention's XLA path (float32 logits and softmax, masked logits at the
+    dtype's minimum), written for this layout: on CPU the decode step's attention is ~3x faster than
+    transposing the cache to [B,S,K,Dh] for the library call."""
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    mask = mask & ((window == 0) | (dist < window))[None, None]
+    qg = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(H)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+    return out.reshape(B, T, N, H)

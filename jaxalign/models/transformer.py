@@ -14,8 +14,8 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import (KVCache, Linear, Norm, apply_rope, attention, dense, make_mask, mlp,
-                                    norm, param, prepare_weights, rope_inv_freq, rope_tables)
+from jaxalign.models.layers import (KVCache, Linear, Norm, apply_rope, attention, cached_attention, dense,
+                                    make_mask, mlp, norm, param, prepare_weights, rope_inv_freq, rope_tables)
 from jaxalign.parallel.mesh import constrain
 
 REMAT = {
@@ -47,7 +47,7 @@ class Blocks(nnx.Module):
 
 def block(cfg: ModelConfig, p: dict, x, rope, mask, dist, window, kv=None, index=None):
     """One pre-norm decoder block on hidden x [B, T, D]. With `kv` = (k, v, layer): the whole cache
-    [L, B, S, K, Dh], updated in place (this layer's new keys/values written at slot `index`), and
+    [L, B, K, S, Dh], updated in place (this layer's new keys/values written at slot `index`), and
     attention runs over this layer's slots."""
     h = norm(p["attn_norm"], x, cfg.norm, cfg.norm_eps)
     q, k, v = dense(p["q"], h), dense(p["k"], h), dense(p["v"], h)
@@ -56,13 +56,15 @@ def block(cfg: ModelConfig, p: dict, x, rope, mask, dist, window, kv=None, index
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     if kv is not None:
         K, V, layer = kv
-        at = (layer, 0, index, 0, 0)
-        K = jax.lax.dynamic_update_slice(K, k.astype(K.dtype)[None], at)
-        V = jax.lax.dynamic_update_slice(V, v.astype(V.dtype)[None], at)
+        at = (layer, 0, 0, index, 0)
+        K = jax.lax.dynamic_update_slice(K, k.swapaxes(1, 2).astype(K.dtype)[None], at)
+        V = jax.lax.dynamic_update_slice(V, v.swapaxes(1, 2).astype(V.dtype)[None], at)
         k = jax.lax.dynamic_index_in_dim(K, layer, keepdims=False)
         v = jax.lax.dynamic_index_in_dim(V, layer, keepdims=False)
         kv = (K, V)
-    a = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, dist, window, cfg.attention_impl)
+        a = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, dist, window)
+    else:
+        a = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, dist, window, cfg.attention_impl)
     x = x + dense(p["o"], a, contract=2)
     x = x + mlp(p, norm(p["mlp_norm"], x, cfg.norm, cfg.norm_eps), cfg.activation, cfg.gated_mlp)
     return constrain(x, ("act_batch", "act_length", "act_embed")), kv

@@ -166,7 +166,7 @@ def _sample(graphdef, params, input_ids, attention_mask, rng, row_ids, sp):
     stops = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
 
     cache = KVCache.init(cfg, B, P + N)
-    kv_axes = (None, "act_batch", None, "kv_heads", None)
+    kv_axes = (None, "act_batch", "kv_heads", None, None)
     cache = cache._replace(k=mesh_lib.constrain(cache.k, kv_axes), v=mesh_lib.constrain(cache.v, kv_axes))
     hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
     logits = model.logits(hidden[:, -1:])[:, 0]
