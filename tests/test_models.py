@@ -319,3 +319,53 @@ def test_invalid_config_heads_not_multiple_of_kv_heads():
     ModelConfig(num_heads=4, num_kv_heads=2, **kw)
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig(num_heads=4, num_kv_heads=3, **kw)
+
+
+# ------------------------------------------------------------------------------------ splash attention
+
+def _masked_loss(graphdef, params, ids, mask, segment_ids):
+    """Sum of logsumexp over real positions only (pad queries' outputs are not defined the same way by the
+    splash path, which no loss reads)."""
+    logits = nnx.merge(graphdef, params)(ids, mask, segment_ids=segment_ids)
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) * mask), logits
+
+
+@pytest.mark.parametrize("family,mesh_shape", [("llama3", (1, 1, 1)), ("llama3", (2, 2, 2)), ("llama3", (1, 2, 4)),
+                                               ("mistral", (2, 1, 1))])
+def test_splash_attention_matches_xla(family, mesh_shape, hf_model_dir):
+    """The TPU kernel (Pallas interpret mode here) gives the XLA path's logits and gradients on left- and
+    right-padded rows and on packed rows, under a mesh that splits batch and heads (1,2,4: 4 query heads over
+    `model` but only 2 kv heads, so each shard gets its query heads' kv heads repeated); mistral: a window."""
+    from jaxalign.parallel.mesh import make_mesh, shard_batch
+    path = hf_model_dir(family)
+    devices = jax.devices()[:int(np.prod(mesh_shape))]
+    ids, mask = padded_batch(seed=8)
+    ids, mask = np.concatenate([ids, ids[1:2]]), np.concatenate([mask, mask[1:2]])  # 4 rows: batch splits
+    seg = np.where(mask == 1, 1, 0).astype(np.int32)
+    seg[3, 5:8] = 2  # row 3 packs a second sequence (positions restart from the segment ids)
+    results = {}
+    for impl in ("xla", "splash"):
+        mesh = make_mesh(mesh_shape, devices)
+        lm = models.from_pretrained(path, mesh=mesh, attention_impl=impl, log=lambda *a: None)
+        assert lm.config.attention_impl == impl
+        batch = shard_batch({"ids": ids, "mask": mask, "seg": seg}, mesh)
+        with jax.set_mesh(mesh):
+            fn = jax.jit(jax.value_and_grad(_masked_loss, argnums=1, has_aux=True), static_argnums=0)
+            (loss, logits), grads = fn(lm.graphdef, lm.params, batch["ids"], batch["mask"], batch["seg"])
+        results[impl] = (np.asarray(logits), float(loss), nnx.to_pure_dict(grads))
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results["xla"], results["splash"]
+    assert max_diff(logits, ref_logits, mask) <= 1e-5
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    worst = max(jax.tree.leaves(jax.tree.map(max_diff, grads, ref_grads)))
+    record(f"{family}/splash_grad_{'x'.join(map(str, mesh_shape))}", worst)
+    assert worst <= 1e-5
+
+
+def test_splash_attention_refuses_what_it_cannot_do():
+    from jaxalign.models import splash
+    with pytest.raises(ValueError, match="one attention window"):
+        splash.static_window((0, 4))
+    assert splash.block_size(1024) == 512 and splash.block_size(384) == 128
+    with pytest.raises(ValueError, match="attention_impl"):
+        ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, attention_impl="flash")

@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple, Optional
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"                  # none | full | dots
-    attention_impl: Optional[str] = None  # None (XLA's choice) | xla | cudnn
+    attention_impl: Optional[str] = None  # None (XLA's choice) | xla | cudnn (GPU) | splash (TPU)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -67,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
         for name in ("dtype", "param_dtype"):

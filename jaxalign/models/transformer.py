@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.models import splash
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import (KVCache, Linear, Norm, apply_rope, attention, cached_attention, dense,
                                     make_mask, mlp, norm, param, prepare_weights, rope_inv_freq, rope_tables)
@@ -63,6 +64,8 @@ def block(cfg: ModelConfig, p: dict, x, rope, mask, dist, window, kv=None, index
         v = jax.lax.dynamic_index_in_dim(V, layer, keepdims=False)
         kv = (K, V)
         a = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, dist, window)
+    elif cfg.attention_impl == "splash":  # `mask` holds the segment ids (splash.segments)
+        a = splash.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, splash.static_window(cfg.layer_windows))
     else:
         a = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, dist, window, cfg.attention_impl)
     x = x + dense(p["o"], a, contract=2)
@@ -140,7 +143,9 @@ class CausalLM(nnx.Module):
         if cfg.position == "rope":
             rope = rope_tables(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_parameters))
 
-        if cache is None:
+        if cache is None and cfg.attention_impl == "splash":
+            mask, dist, index = splash.segments(attention_mask, segment_ids), None, None
+        elif cache is None:
             slots = jnp.arange(T)
             mask, dist = make_mask(slots, slots, attention_mask, segment_ids, segment_ids)
             index = None
