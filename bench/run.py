@@ -34,6 +34,7 @@ from bench import sampler as sampler_bench  # noqa: E402
 from jaxalign import models  # noqa: E402
 from jaxalign.config import apply_overrides, base_config  # noqa: E402
 from jaxalign.models.presets import get_preset  # noqa: E402
+from jaxalign.parallel import xla_flags  # noqa: E402
 from jaxalign.parallel.mesh import make_mesh  # noqa: E402
 from jaxalign.train import get_task  # noqa: E402
 from jaxalign.train.dryrun import dry_run  # noqa: E402
@@ -199,6 +200,8 @@ def main(argv=None):
     for k, v in SUITES[args.suite].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if not xla_flags.backend_started():
+        xla_flags.apply()  # the flags `jaxalign train` runs with
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = matmul_peak() if on_cpu else peak_flops()
     print(f"{jax.devices()[0].device_kind} x {jax.device_count()}, {args.preset}, batch {args.batch} x "

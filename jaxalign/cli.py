@@ -8,6 +8,7 @@ import sys
 import time
 
 from jaxalign import JaxalignError, __version__
+from jaxalign.parallel import xla_flags
 
 
 def _mesh_shape(text: str):
@@ -61,6 +62,7 @@ def cmd_train(args):
     from jaxalign.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    xla_flags.apply(cfg.runtime.xla_flags, cfg.runtime.extra_xla_flags)
     if args.dry_run:
         from jaxalign.train.dryrun import dry_run
         dry_run(cfg, get_task(cfg.task))
@@ -213,6 +215,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.func is not cmd_train:  # train applies its config's runtime.* choices
+            xla_flags.apply()
         args.func(args)
     except JaxalignError as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)

@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(shape=(1, -1, 1), rules=placeholder(tuple))
     # Multi-host: explicit coordinator (else JAXALIGN_* environment, else TPU/SLURM/MPI auto-detection).
     c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1, timeout_s=300)
+    # XLA flags (jaxalign/parallel/xla_flags.py): "recommended" per platform | "none"; extra ones appended as is.
+    c.runtime = dict(xla_flags="recommended", extra_xla_flags="")
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=0, weight_decay=0.0, clip_norm=1.0, b1=0.9,
                    b2=0.999, eps=1e-8)
     c.train = dict(steps=100, batch_size=8, micro_batch_size=placeholder(int), eval_every=0, eval_batches=0, eval_before=False,
