@@ -62,7 +62,12 @@ def cmd_train(args):
     from jaxalign.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    xla_flags.apply(cfg.runtime.xla_flags, cfg.runtime.extra_xla_flags)
+    target = args.dry_run and cfg.runtime.dry_run_target
+    if target:  # compile for a GPU this machine may not have: the GPU's flags, JAX itself on CPU
+        from jaxalign.parallel import targets
+        targets.prepare_env()
+    xla_flags.apply(cfg.runtime.xla_flags, cfg.runtime.extra_xla_flags, cfg.runtime.memory_fraction,
+                    platform="gpu" if target else None)
     if args.dry_run:
         from jaxalign.train.dryrun import dry_run
         dry_run(cfg, get_task(cfg.task))

@@ -32,7 +32,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Multi-host: explicit coordinator (else JAXALIGN_* environment, else TPU/SLURM/MPI auto-detection).
     c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1, timeout_s=300)
     # XLA flags (jaxalign/parallel/xla_flags.py): "recommended" per platform | "none"; extra ones appended as is.
-    c.runtime = dict(xla_flags="recommended", extra_xla_flags="")
+    # device_memory_gib (what nvidia-smi shows, in GiB: H200 140.4, H100 80GB 79.1) x memory_fraction (XLA's
+    # allocator share, XLA_PYTHON_CLIENT_MEM_FRACTION) is what `--dry-run` checks the compiled step against;
+    # 0 = the device's own limit. dry_run_target: compile the
+    # dry run for a GPU this machine does not have ("h200", "h100x8"; needs jax[cuda12], not a GPU).
+    c.runtime = dict(xla_flags="recommended", extra_xla_flags="", device_memory_gib=0.0, memory_fraction=0.9,
+                     dry_run_target="")
     c.optim = dict(lr=1e-5, schedule="cosine", warmup_steps=0, weight_decay=0.0, clip_norm=1.0, b1=0.9,
                    b2=0.999, eps=1e-8)
     c.train = dict(steps=100, batch_size=8, micro_batch_size=placeholder(int), eval_every=0, eval_batches=0, eval_before=False,

@@ -34,3 +34,19 @@ def test_isolated_kinds_run_in_their_own_processes(tmp_path):
                      "--sampler-new", "2", "--out", str(out)])
     assert set(line["results"]) == {"sft", "sampler"} and line["results"]["sft"]["step_time_s"] > 0
     assert len(out.read_text().splitlines()) == 1  # the children wrote to their own files
+
+
+def test_fit_finds_the_largest_layer_count_that_fits(tmp_path):
+    """bench.fit on the small preset with a budget below its full size: the answer fits, one more layer does not
+    (every probe is a real dry-run compile), and LoRA fits more than full fine-tuning."""
+    from bench import fit
+    out = tmp_path / "results.jsonl"
+    line = fit.main(["--presets", "small", "--seq", "128", "--memory-gib", "0.28", "--memory-fraction", "1",
+                     "--modes", "full,lora", "--out", str(out)])
+    full, lora = line["results"]
+    best = full["largest"]
+    assert best is not None and 0 < best["layers"] < 6 and best["fits"]
+    probed = {p["layers"]: p for p in full["probes"]}
+    assert not probed[best["layers"] + 1]["fits"] and probed[best["layers"] + 1]["needed"] > best["needed"]
+    assert lora["largest"]["layers"] > best["layers"]
+    assert json.loads(out.read_text())["kind"] == "fit"

@@ -3,6 +3,7 @@ devices joined with gloo; their runs must give the per-step losses of one proces
 process), checkpoints written by two processes must resume in one and the reverse, and a coordinator
 that never answers must fail within the timeout with a one-line error."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -173,6 +174,12 @@ def test_dry_run_prints_arithmetic_and_compiles(assets, tmp_path, capsys):
     assert "mesh {'data': 2, 'fsdp': 2, 'model': 2}" in out and "activations" in out
     assert "compiled train step, XLA's memory analysis per device" in out
     assert not (tmp_path / "never").exists()  # a dry run writes no run directory
+    # Checked against a device size: the compiled step's needs (arguments + outputs - donated + temporaries).
+    for gb, verdict in (("100", "fits"), ("0.0001", "DOES NOT FIT")):
+        cli.main(["train", "--config", config_file(assets, "dry", f), "--dry-run",
+                  f"--config.runtime.device_memory_gib={gb}"])
+        out = capsys.readouterr().out
+        assert re.search(r"the step needs [0-9.]+ GiB per device .* of [0-9.]+ GiB: " + verdict, out), out
 
 
 def test_recipe_arithmetic_fits_the_hardware_it_names():

@@ -14,6 +14,7 @@ def test_platform_flags_go_to_the_platforms_variable():
     changed = xla_flags.apply("recommended", environ=gpu)
     assert set(changed) == {"XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION"}
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in gpu["XLA_FLAGS"].split()
+    assert gpu["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
     tpu = {"JAX_PLATFORMS": "tpu"}
     xla_flags.apply("recommended", environ=tpu)
     assert "--xla_tpu_enable_async_collective_fusion=true" in tpu["LIBTPU_INIT_ARGS"].split() and "XLA_FLAGS" not in tpu
@@ -45,3 +46,19 @@ def _starts(flags: str) -> bool:
 def test_every_gpu_flag_is_known_to_this_jaxlib():
     assert _starts(xla_flags.merged("", xla_flags.GPU))
     assert not _starts("--xla_gpu_no_such_flag=true")  # the check can fail
+
+
+def test_dry_run_targets_parse_and_say_what_they_need():
+    from jaxalign import JaxalignError
+    from jaxalign.parallel import targets
+    assert targets.parse("h200") == ("h200", 1) and targets.parse("H100x8") == ("h100", 8)
+    with pytest.raises(JaxalignError, match="dry_run_target='a100'"):
+        targets.parse("a100")
+    env = {"JAX_PLATFORMS": "tpu"}
+    targets.prepare_env(env)
+    assert env == {"JAX_PLATFORMS": "tpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:  # this environment: no CUDA plugin, so deviceless GPU compilation says what to install
+        with pytest.raises(JaxalignError, match=r"jax\[cuda12\]"):
+            targets.devices("h200")

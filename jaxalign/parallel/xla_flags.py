@@ -4,7 +4,8 @@
 flags are read once, at backend start. A flag the user already set (in XLA_FLAGS / LIBTPU_INIT_ARGS or the
 environment) keeps the user's value. The platform is read from JAX_PLATFORMS, else from which PJRT plugin is
 installed (CUDA or libtpu); plain CPU runs get nothing (no XLA:CPU flag measured faster on the CPU benchmark).
-Config: `runtime.xla_flags` = "recommended" (these) | "none"; `runtime.extra_xla_flags` is appended as is.
+Config: `runtime.xla_flags` = "recommended" (these) | "none"; `runtime.extra_xla_flags` is appended as is;
+`runtime.memory_fraction` is the GPU allocator's share (also what `--dry-run` checks a step against).
 """
 import importlib.util
 import os
@@ -21,7 +22,8 @@ GPU = {
     "xla_gpu_reduce_scatter_combine_threshold_bytes": str(1 << 27),
     "xla_gpu_all_reduce_combine_threshold_bytes": str(1 << 27),
 }
-GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}  # the default 0.75 leaves 35 GB of an H200 unused
+# GPU: the share of device memory XLA's allocator takes (JAX's default 0.75 leaves 35 GB of an H200 unused).
+MEMORY_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 # TPU (LIBTPU_INIT_ARGS): asynchronous collective fusion, overlapping FSDP all-gathers with compute (MaxText's).
 TPU = {
@@ -35,7 +37,7 @@ TPU = {
 MODES = ("recommended", "none")
 
 
-def platform(environ=os.environ) -> str:
+def detect_platform(environ=os.environ) -> str:
     """cpu | gpu | tpu, decided without starting a JAX backend."""
     requested = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
     if requested:
@@ -59,13 +61,14 @@ def backend_started() -> bool:
     return bool(getattr(xla_bridge, "_backends", None))
 
 
-def apply(mode: str = "recommended", extra: str = "", environ=os.environ) -> dict:
-    """Set the flags for this machine's platform; returns {variable: new value} for what it changed."""
+def apply(mode: str = "recommended", extra: str = "", memory_fraction: float = 0.9, platform=None,
+          environ=os.environ) -> dict:
+    """Set the flags for `platform` (default: this machine's); returns {variable: new value} for what changed."""
     if mode not in MODES:
         raise ValueError(f"runtime.xla_flags={mode!r}: expected one of {MODES}")
-    kind = platform(environ)
+    kind = platform or detect_platform(environ)
     flags = {} if mode == "none" else {"gpu": GPU, "tpu": TPU}.get(kind, {})
-    env = {} if mode == "none" or kind != "gpu" else GPU_ENV
+    env = {} if mode == "none" or kind != "gpu" else {MEMORY_FRACTION: f"{memory_fraction:g}"}
     var = "LIBTPU_INIT_ARGS" if kind == "tpu" else "XLA_FLAGS"
     changed = {}
     if flags or extra:

@@ -1,30 +1,37 @@
 """`jaxalign train --dry-run`: the per-device memory arithmetic of a config, then (when this machine has the
 mesh's devices, real or simulated with XLA_FLAGS=--xla_force_host_platform_device_count=N) the train step
-compiled on abstract parameters and optimizer state, with XLA's own memory analysis. Nothing is allocated
-but one real data batch, and no run directory is written."""
+compiled on abstract parameters, optimizer state and batch, with XLA's own memory analysis and whether the step
+fits the device (runtime.device_memory_gib, else the device's own limit). runtime.dry_run_target=h200 compiles
+for that GPU deviceless (jaxalign/parallel/targets.py). Nothing is allocated and no run directory is written."""
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxalign import JaxalignError, lora, models
 from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.parallel import targets
 from jaxalign.train import memory
 from jaxalign.train import state as state_lib
-from jaxalign.train.loop import (device_batch, load_tokenizer, make_train_step, micro_batching, model_config,
-                                 split_base_reference, state_spec)
+from jaxalign.train.loop import (load_tokenizer, make_train_step, micro_batching, model_config, split_base_reference,
+                                 state_spec)
 
 
-def dry_run(cfg, task, log=print) -> dict:
+def dry_run(cfg, task, log=print, devices=None) -> dict:
+    """`devices`: the mesh's devices (default: all of this process's view, or runtime.dry_run_target's)."""
+    target_memory = 0
+    if cfg.runtime.dry_run_target:
+        devices, target_memory = targets.devices(cfg.runtime.dry_run_target)
     _, tokenizer = load_tokenizer(cfg)
     model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
     lora_spec = lora.spec(cfg)
     if lora_spec:
         model_cfg = lora.adapted_config(model_cfg, lora_spec)
-    est = memory.estimate(cfg, model_cfg, jax.device_count())
+    est = memory.estimate(cfg, model_cfg, len(devices) if devices is not None else jax.device_count())
     log(memory.report(est))
     out = {"estimate": est}
     try:
-        mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+        mesh = mesh_lib.make_mesh(cfg.mesh.shape, devices)
     except mesh_lib.MeshError as e:
         log(f"compile skipped: {e} (simulate them on CPU with JAX_PLATFORMS=cpu "
             f"XLA_FLAGS=--xla_force_host_platform_device_count=N)")
@@ -39,7 +46,7 @@ def dry_run(cfg, task, log=print) -> dict:
     rules = mesh_lib.normalize_rules(cfg.mesh.rules)
     data = pipeline.prepare_from_config(cfg, "train", tokenizer, log=log)
     if data is None:
-        raise JaxalignError("data.train_files is not set (the dry run compiles on one real batch)")
+        raise JaxalignError("data.train_files is not set (the dry run compiles for the shape of one real batch)")
     B, mb = micro_batching(cfg)
     host = next(pipeline.Batches(data, B, seed=cfg.seed, packing=cfg.data.packing, buckets=cfg.data.buckets,
                                  process_index=jax.process_index(), process_count=jax.process_count()))
@@ -57,13 +64,50 @@ def dry_run(cfg, task, log=print) -> dict:
     step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb, ref_is_base),
                    out_shardings=(shardings, None), donate_argnums=0)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, device_batch(host, task, mesh, rules), aux, frozen).compile()
+        compiled = step.lower(state, abstract_batch(host, task, mesh, rules), aux, frozen).compile()
     m = compiled.memory_analysis()
-    if m is not None:
-        xla = {k: getattr(m, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "generated_code")}
-        out["xla"] = xla
-        log("compiled train step, XLA's memory analysis per device: " + ", ".join(
-            f"{k} {v / 2**20:.1f} MiB" for k, v in xla.items()))
-    else:
+    if m is None:
         log("compiled train step (this backend reports no memory analysis)")
+        return out
+    xla = {k: getattr(m, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["xla"] = xla
+    log("compiled train step, XLA's memory analysis per device: " + ", ".join(
+        f"{k} {v / 2**20:.1f} MiB" for k, v in xla.items()))
+    out["needed"] = needed(xla)
+    out["device_memory"] = device_memory(cfg, target_memory)
+    platform = mesh.devices.flat[0].platform
+    if out["device_memory"]:
+        fits = out["needed"] <= out["device_memory"]
+        log(f"the step needs {out['needed'] / 2**30:.2f} GiB per device (arguments + outputs - donated + "
+            f"temporaries) of {out['device_memory'] / 2**30:.2f} GiB: {'fits' if fits else 'DOES NOT FIT'}"
+            + ("" if platform != "cpu" else " (compiled by XLA:CPU, which converts bf16 matmuls to f32 and fuses "
+               "differently: set runtime.dry_run_target=h200 to compile for the GPU itself)"))
     return out
+
+
+def abstract_batch(host: dict, task, mesh, rules) -> dict:
+    """The shapes and shardings `device_batch` would give this host batch, without placing anything (the mesh
+    may be a target's abstract devices)."""
+    keys = task.batch_keys or [k for k, v in host.items() if isinstance(v, np.ndarray)]
+    out = {}
+    for k in keys:
+        x = np.asarray(host[k])
+        shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        out[k] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh, x.ndim, rules, shape))
+    return out
+
+
+def needed(xla: dict) -> int:
+    """Peak bytes of the compiled step: live arguments and outputs (donated outputs reuse their arguments'
+    buffers) plus XLA's temporaries."""
+    return xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+
+
+def device_memory(cfg, target_memory: float = 0) -> int:
+    """runtime.device_memory_gib, else the dry-run target's memory, times the allocator's share; else what the
+    device reports (bytes_limit: already the allocator's share); else 0 (unknown: CPU)."""
+    total = cfg.runtime.device_memory_gib * 2**30 or target_memory
+    if total:
+        return int(total * cfg.runtime.memory_fraction)
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit", 0))

@@ -123,6 +123,14 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int, ref_is_b
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def mean_loss_fn(params, batch, key, aux, frozen):
+        """The loss already divided by its (parameter-independent) denominator: gradients come out scaled, with
+        no second gradient-sized buffer for `grads / denom`."""
+        loss_sum, (denom, mets) = loss_fn(params, batch, key, aux, frozen)
+        return loss_sum / jnp.maximum(jax.lax.stop_gradient(denom), 1e-9), (loss_sum, denom, mets)
+
+    mean_grad_fn = jax.value_and_grad(mean_loss_fn, has_aux=True)
+
     def step(state, batch, aux, frozen=None):
         if ref_is_base:
             aux = {**aux, "ref": frozen}
@@ -130,7 +138,7 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int, ref_is_b
         params = state["params"]
         batch = with_pre_step(task, graphdef, full_params(graphdef, params, frozen), batch, cfg, aux)
         if n_micro == 1:  # no accumulation scan: its zeroed accumulators and adds cost ~10% of a CPU step
-            (loss_sum, (denom, mets)), grads = grad_fn(params, batch, key, aux, frozen)
+            (_, (loss_sum, denom, mets)), grads = mean_grad_fn(params, batch, key, aux, frozen)
         else:
             micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
             keys = jax.random.split(key, n_micro)
@@ -146,12 +154,14 @@ def make_train_step(task: Task, graphdef, tx, lr_fn, cfg, n_micro: int, ref_is_b
 
             (grads, (loss_sum, (denom, mets))), _ = jax.lax.scan(body, init, (micro, keys))
         denom = jnp.maximum(denom, 1e-9)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        if n_micro > 1:
+            grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         # Decided before the update (a finite gradient norm means every gradient is finite, and the optimizers
-        # here map finite gradients to finite updates), so the select fuses into the optimizer's elementwise
-        # pass instead of a second pass over the new parameters and optimizer state.
+        # here map finite gradients to finite updates), so the select fuses into the optimizer's elementwise pass
+        # and updates the donated buffers in place. (A lax.cond instead costs the GPU compiler a copy of every
+        # large parameter in the skip branch: 1B at 4096 tokens on an H200, 18.9 -> 32.2 GiB.)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
