@@ -1,18 +1,23 @@
-"""One entry point for the training benchmarks: `python -m bench.run --suite cpu|gpu|tpu`.
+"""One entry point for the benchmarks: `python -m bench.run --suite cpu|gpu|tpu`.
 
-For each kind (sft, rm, dpo with the reference on the fly, dpo_pre with it precomputed, grpo, ppo) it runs the
-real loop (`jaxalign.train.loop.train`) from scratch on a preset shape for --steps steps, every row padded to
---length (one bucket), on the bundled quickstart data (GRPO/PPO with the sorting verifier as reward), and
-reads the loop's own per-step metrics: step time (median over the steps after the first), tokens/s (real,
-unpadded tokens), MFU (MaxText's FLOPs: matmuls, causal attention halved, padded positions included, over
-the peak: the device's published bf16 peak on an accelerator, on CPU the f32 matmul peak measured in this run
-by a large jitted matmul) and compile time (first step minus a steady one). GRPO and PPO step times include
-their generation (the rollout is part of the loop's step); their MFU counts the train step's FLOPs only. On CPU, `--torch` adds the same
-SFT step (forward + backward + AdamW) in transformers + torch eager on the same shape, as a ratio.
+For each training kind (sft, rm, dpo with the reference on the fly, dpo_pre with it precomputed, grpo, ppo) it
+runs the real loop (`jaxalign.train.loop.train`) from scratch on a preset shape for --steps steps, every row
+padded to --length (one bucket), on the bundled quickstart data (GRPO/PPO with the sorting verifier as reward),
+and reads the loop's own per-step metrics: step time (median over the steps after the first), tokens/s (real,
+unpadded tokens), MFU (MaxText's FLOPs: matmuls, causal attention halved, padded positions included, over the
+peak: the device's published bf16 peak on an accelerator, on CPU the f32 matmul peak measured in this run by a
+large jitted matmul), compile time (first step minus a steady one), XLA's memory analysis of the compiled step
+(the dry run's; offline kinds), the device's peak memory (accelerators; `--isolate`, their default, gives each
+kind its own process so the peak is that kind's), and for GRPO/PPO the share of the step spent producing the
+rollout (generation, scoring, log-probs). GRPO/PPO step times include the rollout; their MFU counts the train
+step's FLOPs only. The `sampler` kind times prefill and decode of `jaxalign.sampling.generate` on the preset's
+own shape and the decode step against the weight-bandwidth bound. On CPU, `--torch` adds transformers + torch
+eager side by side: the same SFT step (forward + backward + AdamW) and `generate`, as ratios.
 
 Each run appends one line to bench/results.jsonl (date, hardware, commit, settings, results); the README
 table is written by hand from it. CI runs `--preset tiny --steps 1` so the code cannot rot; no speed is
-asserted anywhere. Shapes from scratch take the tokenizer's vocabulary (the quickstart's: 368 tokens, padded to 384).
+asserted anywhere. Training shapes from scratch take the tokenizer's vocabulary (the quickstart's: 368 tokens,
+padded to 384). XLA flags are jaxalign's own (jaxalign/parallel/xla_flags.py), as `jaxalign train` sets them.
 """
 import argparse
 import datetime
@@ -110,9 +115,12 @@ def bench_kind(kind: str, args, peak: float) -> dict:
     first, rest = steps[0], steps[1:] or steps
     step = float(np.median([m["step_time"] for m in rest]))
     flops = float(np.median([m["tflops_per_sec_per_device"] for m in rest])) * 1e12
-    return {"step_time_s": step, "tokens_per_sec": float(np.median([m["tokens_per_sec"] for m in rest])),
-            "mfu": flops / peak if peak else None, "compile_s": max(first["step_time"] - step, 0.0),
-            "wall_s": wall, "step_memory_bytes": memory, "peak_memory_bytes": peak_memory()}
+    out = {"step_time_s": step, "tokens_per_sec": float(np.median([m["tokens_per_sec"] for m in rest])),
+           "mfu": flops / peak if peak else None, "compile_s": max(first["step_time"] - step, 0.0),
+           "wall_s": wall, "step_memory_bytes": memory, "peak_memory_bytes": peak_memory()}
+    if "rollout_share" in first:  # GRPO/PPO: the share of the step spent producing the rollout
+        out["rollout_share"] = float(np.median([m["rollout_share"] for m in rest]))
+    return out
 
 
 def bench_sampler(args) -> dict:
@@ -224,6 +232,8 @@ def main(argv=None):
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = "  ".join(f"{name} {r[k] / 2**30:.2f} GiB" for name, k in
                         (("step memory", "step_memory_bytes"), ("peak", "peak_memory_bytes")) if r[k])
+        if "rollout_share" in r:
+            mem += f"  rollout {r['rollout_share']:.0%} of the step"
         print(f"{kind:8s} step {r['step_time_s'] * 1e3:8.1f} ms  {r['tokens_per_sec']:9.0f} tok/s  MFU {mfu:>6s}  "
               f"compile {r['compile_s']:.1f} s  {mem}")
     if args.torch and "sft" in results and "torch_sft_step_time_s" not in results:

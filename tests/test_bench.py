@@ -19,6 +19,8 @@ def test_bench_runs_every_kind_and_records_it(tmp_path):
     # XLA's memory analysis of the compiled step exists for the offline kinds (the dry run's), not for rollouts
     assert all(line["results"][k]["step_memory_bytes"] > 0 for k in ("sft", "rm", "dpo"))
     assert line["results"]["grpo"]["step_memory_bytes"] is None
+    for kind in ("grpo", "ppo"):  # the rollout's share of the step (generation, scoring, log-probs)
+        assert 0 < line["results"][kind]["rollout_share"] < 1
     assert line["results"]["torch_sft_step_time_s"] > 0
     s = line["results"]["sampler"]
     assert s["prompt_tokens"] >= 2 * 4 and s["new_tokens"] == 4

@@ -391,7 +391,7 @@ def train(cfg, task: Task, log=print) -> RunResult:
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
                mininterval=1.0, dynamic_ncols=True, unit="step")
-    window, tokens, flops, t0 = [], 0, 0.0, time.time()
+    window, tokens, flops, rollout_s, t0 = [], 0, 0.0, 0.0, time.time()
     nonfinite_run, step = 0, start
     if eval_data is not None and cfg.train.eval_before and start == 0:
         eval_metrics = run_eval(state["params"])
@@ -399,7 +399,9 @@ def train(cfg, task: Task, log=print) -> RunResult:
         log("before training: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
     try:
         while step < cfg.train.steps:
+            t_rollout = time.time()
             host = next(it) if rollout is None else rollout(it, full(state["params"]), step)
+            rollout_s += time.time() - t_rollout  # host arrays: the rollout's device work is done
             T = host_len(host)
             tokens += real_tokens(host) * jax.process_count()
             flops += metrics_lib.train_flops_per_token(model_cfg, T) * host_rows(host) * jax.process_count() * T
@@ -420,9 +422,11 @@ def train(cfg, task: Task, log=print) -> RunResult:
                 last["tflops_per_sec_per_device"] = flops / elapsed / n_dev / 1e12
                 if peak:
                     last["mfu"] = flops / elapsed / n_dev / peak
+                if rollout is not None:  # generation, scoring and rollout log-probs, as a share of wall time
+                    last["rollout_share"] = rollout_s / elapsed
                 writer.write(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}")
-                window, tokens, flops, t0 = [], 0, 0.0, time.time()
+                window, tokens, flops, rollout_s, t0 = [], 0, 0.0, 0.0, time.time()
             bar.update(1)
             if eval_data is not None and cfg.train.eval_every and (
                     step % cfg.train.eval_every == 0 or step == cfg.train.steps):
