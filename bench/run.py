@@ -35,6 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import profile  # noqa: E402
 from bench import sampler as sampler_bench  # noqa: E402
 from jaxalign import models  # noqa: E402
 from jaxalign.config import apply_overrides, base_config  # noqa: E402
@@ -49,7 +50,7 @@ from jaxalign.train.metrics import peak_flops  # noqa: E402
 ASSETS = os.path.join(ROOT, "jaxalign", "assets", "quickstart")
 KINDS = ("sft", "rm", "dpo", "dpo_pre", "grpo", "ppo", "sampler")
 SETTINGS = ("suite", "preset", "dtype", "batch", "length", "remat", "steps", "sampler_batch", "sampler_prompt",
-            "sampler_new")
+            "sampler_new", "profile")
 # sampler_*: the `sampler` kind's batch, longest prompt and new tokens (prompts are prompt/2..prompt long)
 SUITES = {"cpu": dict(preset="small", dtype="float32", batch=8, length=128, remat="dots",
                       sampler_batch=8, sampler_prompt=64, sampler_new=64),
@@ -108,7 +109,13 @@ def bench_kind(kind: str, args, peak: float) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cfg = kind_config(kind, args, os.path.join(d, kind))
         t0 = time.perf_counter()
+        if args.profile:
+            jax.profiler.start_trace(os.path.join(args.profile, kind))
         train(cfg, get_task(cfg.task), log=lambda *_: None)
+        if args.profile:
+            jax.profiler.stop_trace()
+            print(f"{kind} profile ({os.path.join(args.profile, kind)}):\n"
+                  + profile.report(profile.op_times(os.path.join(args.profile, kind)), steps=args.steps + 1))
         wall = time.perf_counter() - t0
         steps = [m for m in read_metrics(cfg.run_dir) if "step_time" in m]
         memory = step_memory(cfg)
@@ -201,6 +208,8 @@ def main(argv=None):
     p.add_argument("--torch", action="store_true",
                    help="CPU: also time the SFT step in transformers + torch, and `generate` for the sampler")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.jsonl"))
+    p.add_argument("--profile", default="", help="trace each training kind with jax.profiler into this directory "
+                                                 "and print its top XLA ops (bench/profile.py)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each kind in its own process, so the device's peak memory is that kind's "
                         "(default: on for accelerators)")
@@ -208,8 +217,8 @@ def main(argv=None):
     for k, v in SUITES[args.suite].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if not xla_flags.backend_started():
-        xla_flags.apply()  # the flags `jaxalign train` runs with
+    if not xla_flags.backend_started():  # the flags `jaxalign train` runs with (+ XLA:CPU's op events)
+        xla_flags.apply(extra=profile.CPU_FLAG if args.profile else "")
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = matmul_peak() if on_cpu else peak_flops()
     print(f"{jax.devices()[0].device_kind} x {jax.device_count()}, {args.preset}, batch {args.batch} x "

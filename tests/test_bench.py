@@ -52,3 +52,25 @@ def test_fit_finds_the_largest_layer_count_that_fits(tmp_path):
     assert not probed[best["layers"] + 1]["fits"] and probed[best["layers"] + 1]["needed"] > best["needed"]
     assert lora["largest"]["layers"] > best["layers"]
     assert json.loads(out.read_text())["kind"] == "fit"
+
+
+def test_profile_reads_a_trace_and_ranks_ops(tmp_path):
+    import collections
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench import profile
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        f(x).block_until_ready()
+    times = profile.op_times(str(tmp_path))  # parses; XLA:CPU emits op events only with its traceme flag
+    assert all(t >= 0 for t in times.values())
+    fake = collections.Counter({"fusion.1": 0.003, "fusion.2": 0.001, "while.3": 0.5, "dot.4": 0.004})
+    text = profile.report(collections.Counter({k: v for k, v in fake.items() if not k.startswith("while")}), top=2,
+                          steps=2)
+    assert "4.0 ms a step" in text and text.index("fusion") < text.index("top ops")
+    assert text.splitlines()[1].split()[-1] == "fusion" and "  2.00 ms" in text  # fusion.1 + .2 = 4 ms / 2 steps
+    assert "no XLA op events" in profile.report(collections.Counter())
