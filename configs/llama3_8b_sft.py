@@ -8,6 +8,9 @@ prints it and, with the devices present, compiles the step): 8.03B params in flo
   v5p-64 (32 chips), mesh (1, 32, 1), micro 32 (--config.mesh.shape="(1,32,1)"
   --config.train.micro_batch_size=32): 0.9 + 0.9 + 1.9 + 14.5 + 0.1 = ~18 GiB of 95
 Global batch 64 rows x 4096 tokens = 262k tokens per step (4 accumulation steps on 16 devices).
+Attention kernel: add --config.model.attention_impl=cudnn on GPU (compiled for 16 H100s with
+--config.runtime.dry_run_target=h100x16 and unpacked 4096-token rows, the step needs 26.8 GiB per device
+against 37.5 GiB with XLA's attention, which keeps the [T, S] scores), or =splash on TPU.
 
 Launch: launch/gpu_slurm.sh (2 nodes) or launch/tpu_pod.sh; model.path is the HF directory on every host.
 """
