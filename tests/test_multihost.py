@@ -201,3 +201,13 @@ def test_recipe_arithmetic_fits_the_hardware_it_names():
         cfg = load_config(os.path.join(ROOT, "configs", "llama3_8b_dpo_lora.py"), [f"lora.base_dtype={base_dtype}"])
         e = estimate(cfg, lora.adapted_config(llama8b, lora.spec(cfg)), 1)
         assert round(e["base"] / GiB, 2) == base and round(e["total"] / GiB, 1) == total and e["reference"] == 0
+
+
+def test_orbax_checkpoint_barriers_go_through_the_coordinator():
+    """Multi-process runs switch Orbax's barriers from a gloo collective (a 30 s rendezvous that a straggling
+    process on a cold compile cache misses) to the coordination service's barrier (timeout 300 s)."""
+    from orbax.checkpoint._src.multihost import multihost as orbax_multihost
+
+    from jaxalign.parallel import multihost
+    multihost._orbax_barriers_through_the_coordinator()
+    assert orbax_multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value is True

@@ -70,6 +70,8 @@ def initialize(section=None, log=print) -> bool:
         raise JaxalignError(f"distributed: could not join the job at {where} within {timeout}s "
                             f"({str(e).splitlines()[0][:200]})") from None
     _initialized = True
+    _barrier_timeout[0] = timeout
+    _orbax_barriers_through_the_coordinator()
     if jax.process_index() == 0:
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({jax.local_device_count()} per process)")
@@ -96,13 +98,38 @@ def wait_for_coordinator(address: str, timeout: float):
             time.sleep(0.5)
 
 
+_barrier_timeout = [300]  # distributed.timeout_s of the job this process joined
+_barriers = [0]
+
+
+def _orbax_barriers_through_the_coordinator():
+    """Orbax's checkpoint barriers through the coordination service (its own 300 s timeout) instead of a device
+    collective: on CPU that is a gloo collective, whose first use gives up after 30 s when the processes reach it
+    that far apart (one still compiling on a cold cache: seen in CI)."""
+    import orbax.checkpoint  # noqa: F401  (defines the flag)
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["jaxalign"], known_only=True)
+    if "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
+def barrier(name: str):
+    """Wait for every process at the coordination service (distributed.timeout_s), not a device collective."""
+    from jax._src import distributed
+    _barriers[0] += 1
+    distributed.global_state.client.wait_at_barrier(f"jaxalign/{name}/{_barriers[0]}", _barrier_timeout[0] * 1000)
+
+
 def allgather(x):
     """Every process's host array, concatenated along axis 0 in process order (identity on one process):
-    for statistics that must span the global batch (advantage whitening, batch-scaled rewards)."""
+    for statistics that must span the global batch (advantage whitening, batch-scaled rewards). The processes
+    meet at a barrier first, so the collective's own 30 s rendezvous (gloo on CPU) never waits on a straggler."""
     import numpy as np
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+    barrier("allgather")
     return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
