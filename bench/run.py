@@ -49,14 +49,14 @@ from jaxalign.train.metrics import peak_flops  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "jaxalign", "assets", "quickstart")
 KINDS = ("sft", "rm", "dpo", "dpo_pre", "grpo", "ppo", "sampler")
-SETTINGS = ("suite", "preset", "dtype", "batch", "length", "remat", "steps", "sampler_batch", "sampler_prompt",
-            "sampler_new", "profile")
+SETTINGS = ("suite", "preset", "dtype", "batch", "length", "remat", "attention", "steps", "sampler_batch",
+            "sampler_prompt", "sampler_new", "profile")
 # sampler_*: the `sampler` kind's batch, longest prompt and new tokens (prompts are prompt/2..prompt long)
 SUITES = {"cpu": dict(preset="small", dtype="float32", batch=8, length=128, remat="dots",
                       sampler_batch=8, sampler_prompt=64, sampler_new=64),
-          "gpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096, remat="dots",
+          "gpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096, remat="dots", attention="cudnn",
                       sampler_batch=64, sampler_prompt=1024, sampler_new=512),
-          "tpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096, remat="dots",
+          "tpu": dict(preset="llama3_1b", dtype="bfloat16", batch=8, length=4096, remat="dots", attention="splash",
                       sampler_batch=64, sampler_prompt=1024, sampler_new=512)}
 
 
@@ -82,6 +82,8 @@ def kind_config(kind: str, args, run_dir: str):
          f"data.train_files={os.path.join(ASSETS, data)}", f"data.max_length={args.length}",
          f"data.buckets=({args.length},)", f"train.steps={args.steps + 1}", f"train.batch_size={args.batch}",
          "train.log_every=1", "train.progress=false", "checkpoint.every=0", "optim.lr=1e-5"]
+    if args.attention:
+        o.append(f"model.attention_impl={args.attention}")
     if kind == "dpo_pre":
         o.append("dpo.precompute_ref_logps=true")
     if task == "grpo":
@@ -178,7 +180,8 @@ def in_child(kind: str, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.jsonl")
         argv = [sys.executable, "-m", "bench.run", "--suite", args.suite, "--kinds", kind, "--out", out,
-                "--no-isolate"] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SETTINGS if k != "suite"]
+                "--no-isolate"] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SETTINGS
+                                   if k != "suite" and getattr(args, k) is not None]
         subprocess.run(argv + (["--torch"] if args.torch else []), cwd=ROOT, check=True)
         with open(out) as f:
             return json.loads(f.readline())["results"]
@@ -200,6 +203,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="rows (prompts for GRPO: batch/4 x 4 samples)")
     p.add_argument("--length", type=int, default=None, help="every row is padded to this length")
     p.add_argument("--remat", default=None, help="none | dots | full (suite default: dots, the fastest on CPU)")
+    p.add_argument("--attention", default=None, help="model.attention_impl (suite default: XLA's on CPU, cudnn on "
+                                                     "GPU, splash on TPU)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up/compile step)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--sampler-batch", type=int, default=None)
