@@ -116,8 +116,11 @@ def main(argv=None):
         targets.prepare_env()
         xla_flags.apply(platform="gpu", memory_fraction=args.memory_fraction)
     args.presets = [x.strip() for x in args.presets.split(",") if x.strip()]
-    dev = targets.devices(args.target)[0][0] if args.target else jax.devices()[0]
-    memory = targets.devices(args.target)[1] if args.target else args.memory_gib * 2**30
+    if args.target:
+        devices, memory = targets.devices(args.target)
+        dev = devices[0]
+    else:
+        dev, memory = jax.devices()[0], args.memory_gib * 2**30
     print(f"{dev.device_kind}{' (compiled deviceless)' if args.target else ''}: which Llama shapes train "
           f"({args.task}, 1 x {args.seq} tokens a step) in {memory / 2**30:.1f} GiB x {args.memory_fraction:g}")
     results = []

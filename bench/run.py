@@ -101,10 +101,10 @@ def peak_memory():
 
 
 def step_memory(cfg) -> int:
-    """XLA's memory analysis of the compiled train step (arguments + outputs + temporaries, per device),
-    from the dry run; None for the kinds it does not compile (rollouts, precomputed reference log-probs)."""
-    xla = dry_run(cfg, get_task(cfg.task), log=lambda *_: None).get("xla")
-    return xla and xla["argument"] + xla["output"] + xla["temp"]
+    """Bytes per device the compiled train step needs by XLA's memory analysis (the dry run's: arguments +
+    outputs - donated + temporaries); None for the kinds it does not compile (rollouts, precomputed reference
+    log-probs)."""
+    return dry_run(cfg, get_task(cfg.task), log=lambda *_: None).get("needed")
 
 
 def bench_kind(kind: str, args, peak: float) -> dict:

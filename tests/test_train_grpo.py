@@ -107,21 +107,26 @@ def test_unscorable_completions_get_zero_advantage(assets, tmp_path):
     assert ms[0]["reward"] == 0 and ms[0]["loss"] == 0
 
 
-def test_unscorable_rows_in_a_scored_group_get_zero_advantage(assets, tmp_path):
-    """Odd completions cannot be scored: their advantage is exactly 0 while their scored group mates' is not
-    (group centring alone would give them a nonzero one)."""
+def first_rollout(assets, cfg):
+    """The GRPO rollout of the first 4 training prompts from the config's starting parameters."""
     from jaxalign import models
     from jaxalign.data import pipeline, templates
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import grpo
-    cfg = make_cfg(assets, tmp_path, "grpo.reward_funcs=tests.grpo_rewards:half_scorable", "grpo.scale_rewards=none")
     tok = templates.load_tokenizer(assets["tokenizer"])
     data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
     model_cfg = loop.model_config(cfg, tok)
     mesh = mesh_lib.make_mesh(cfg.mesh.shape)
     params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
     ro = grpo.Rollout(cfg, model_cfg, models.abstract_params(model_cfg)[0], mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
-    out = ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
+    return ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
+
+
+def test_unscorable_rows_in_a_scored_group_get_zero_advantage(assets, tmp_path):
+    """Odd completions cannot be scored: their advantage is exactly 0 while their scored group mates' is not
+    (group centring alone would give them a nonzero one)."""
+    cfg = make_cfg(assets, tmp_path, "grpo.reward_funcs=tests.grpo_rewards:half_scorable", "grpo.scale_rewards=none")
+    out = first_rollout(assets, cfg)
     adv = out["advantages"]
     assert np.all(adv[1::2] == 0) and np.abs(adv[0::2]).max() > 0
 
@@ -173,9 +178,6 @@ def test_reward_model_scores_the_rows(assets, tmp_path):
     rewards with its weight; checked against the RM loaded on its own."""
     import jax.numpy as jnp
     from jaxalign import models
-    from jaxalign.data import pipeline, templates
-    from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.train import grpo
     from jaxalign.train.reward import rewards
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Yes?", "chosen": "Yes.", "rejected": "No."}] * 8)
@@ -183,13 +185,7 @@ def test_reward_model_scores_the_rows(assets, tmp_path):
                       "rm.normalize_reward=true")
     train(rm_cfg, get_task("rm"), log=quiet)
     cfg = make_cfg(assets, tmp_path / "g", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_model_weight=0.5")
-    tok = templates.load_tokenizer(assets["tokenizer"])
-    data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
-    model_cfg = loop.model_config(cfg, tok)
-    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
-    params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
-    ro = grpo.Rollout(cfg, model_cfg, models.abstract_params(model_cfg)[0], mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
-    out = ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
+    out = first_rollout(assets, cfg)
     rm = models.from_pretrained(str(tmp_path / "rm"))
     assert rm.config.reward_std != 1.0  # the stored normalisation is applied
     want = np.asarray(rewards(rm.module(), {k: jnp.asarray(out[k]) for k in ("input_ids", "attention_mask")}))

@@ -209,9 +209,14 @@ def make_mask(q_slots, k_slots, key_valid, q_segments=None, k_segments=None):
     return mask[:, None], dist
 
 
+def windowed(mask, dist, window):
+    """mask [B,1,T,S] limited to keys less than `window` slots back (0 = no window)."""
+    return mask & ((window == 0) | (dist < window))[None, None]
+
+
 def attention(q, k, v, mask, dist, window, impl=None):
     """q [B,T,N,Dh], k/v [B,S,K,Dh] (grouped-query: N a multiple of K), mask [B,1,T,S]; window 0 = full."""
-    mask = mask & ((window == 0) | (dist < window))[None, None]
+    mask = windowed(mask, dist, window)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
                                        implementation=impl)
     return out
@@ -224,7 +229,7 @@ def cached_attention(q, k, v, mask, dist, window):
     transposing the cache to [B,S,K,Dh] for the library call."""
     B, T, N, H = q.shape
     K = k.shape[1]
-    mask = mask & ((window == 0) | (dist < window))[None, None]
+    mask = windowed(mask, dist, window)
     qg = q.reshape(B, T, K, N // K, H)
     logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(H)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)

@@ -153,17 +153,31 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=None, shape=None) -> NamedShardi
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
+def _global_batch(x, mesh: Mesh, rules):
+    """(host array, global shape, sharding) of one process's rows of a batch array."""
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return x, global_shape, batch_sharding(mesh, x.ndim, rules, global_shape)
+
+
 def shard_batch(batch, mesh: Mesh, rules=None):
     """Place a host batch on the mesh, batch dim split over data x fsdp.
 
     Each process passes only its own rows (its slice of the global batch); on one process that is all of it.
     """
     def put(x):
-        x = np.asarray(x)
-        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-        sharding = batch_sharding(mesh, x.ndim, rules, global_shape)
-        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+        x, shape, sharding = _global_batch(x, mesh, rules)
+        return jax.make_array_from_process_local_data(sharding, x, shape)
     return jax.tree.map(put, batch)
+
+
+def abstract_batch(batch, mesh: Mesh, rules=None):
+    """The global shapes and shardings `shard_batch` would give a host batch, placing nothing (for compiling
+    ahead of time, also for a mesh of a target's abstract devices)."""
+    def spec(x):
+        x, shape, sharding = _global_batch(x, mesh, rules)
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+    return jax.tree.map(spec, batch)
 
 
 def init_sharded(constructor, mesh: Mesh, rules=None, seed: int = 0):

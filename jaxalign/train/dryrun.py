@@ -4,7 +4,6 @@ compiled on abstract parameters, optimizer state and batch, with XLA's own memor
 fits the device (runtime.device_memory_gib, else the device's own limit). runtime.dry_run_target=h200 compiles
 for that GPU deviceless (jaxalign/parallel/targets.py). Nothing is allocated and no run directory is written."""
 import jax
-import numpy as np
 from flax import nnx
 
 from jaxalign import JaxalignError, lora, models
@@ -14,7 +13,7 @@ from jaxalign.parallel import targets
 from jaxalign.train import memory
 from jaxalign.train import state as state_lib
 from jaxalign.train.loop import (load_tokenizer, make_train_step, micro_batching, model_config, split_base_reference,
-                                 state_spec)
+                                 state_spec, task_batch)
 
 
 def dry_run(cfg, task, log=print, devices=None) -> dict:
@@ -64,7 +63,7 @@ def dry_run(cfg, task, log=print, devices=None) -> dict:
     step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb, ref_is_base),
                    out_shardings=(shardings, None), donate_argnums=0)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, abstract_batch(host, task, mesh, rules), aux, frozen).compile()
+        compiled = step.lower(state, mesh_lib.abstract_batch(task_batch(host, task), mesh, rules), aux, frozen).compile()
     m = compiled.memory_analysis()
     if m is None:
         log("compiled train step (this backend reports no memory analysis)")
@@ -82,18 +81,6 @@ def dry_run(cfg, task, log=print, devices=None) -> dict:
             f"temporaries) of {out['device_memory'] / 2**30:.2f} GiB: {'fits' if fits else 'DOES NOT FIT'}"
             + ("" if platform != "cpu" else " (compiled by XLA:CPU, which converts bf16 matmuls to f32 and fuses "
                "differently: set runtime.dry_run_target=h200 to compile for the GPU itself)"))
-    return out
-
-
-def abstract_batch(host: dict, task, mesh, rules) -> dict:
-    """The shapes and shardings `device_batch` would give this host batch, without placing anything (the mesh
-    may be a target's abstract devices)."""
-    keys = task.batch_keys or [k for k, v in host.items() if isinstance(v, np.ndarray)]
-    out = {}
-    for k in keys:
-        x = np.asarray(host[k])
-        shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-        out[k] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh, x.ndim, rules, shape))
     return out
 
 

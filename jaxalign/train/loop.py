@@ -208,9 +208,14 @@ def evaluate(eval_fn, params, data, cfg, task, mesh, rules, aux=None) -> dict:
     return {f"eval/{k}": float(v) for k, v in means.items()}
 
 
-def device_batch(host: dict, task: Task, mesh, rules):
+def task_batch(host: dict, task: Task) -> dict:
+    """The host batch's arrays the task's step takes (its batch_keys, else every array)."""
     keys = task.batch_keys or [k for k, v in host.items() if isinstance(v, np.ndarray)]
-    return mesh_lib.shard_batch({k: host[k] for k in keys}, mesh, rules)
+    return {k: host[k] for k in keys}
+
+
+def device_batch(host: dict, task: Task, mesh, rules):
+    return mesh_lib.shard_batch(task_batch(host, task), mesh, rules)
 
 
 # -------------------------------------------------------------------------------------- set-up
