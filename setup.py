@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["jaxalign", "jaxalign.*"]),
-    package_data={"jaxalign": ["assets/*/*"]},
+    package_data={"jaxalign": ["assets/*/*", "recipes/*/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.11",
@@ -24,6 +24,9 @@ setup(
         "numpy>=2",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "jinja2>=3.1",        # chat templates (transformers imports it lazily)
+        "pyarrow>=15",        # Parquet data files
+        "absl-py>=2",         # multihost flag handling
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "matplotlib>=3.8", "peft>=0.17"],

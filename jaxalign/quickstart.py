@@ -18,8 +18,7 @@ import numpy as np
 import jaxalign
 from jaxalign import sampling
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(jaxalign.__file__))), "configs",
-                       "quickstart")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(jaxalign.__file__)), "recipes", "quickstart")
 MARKER = ".jaxalign-quickstart"
 
 

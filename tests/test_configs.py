@@ -9,7 +9,8 @@ from jaxalign.config import load_config
 from jaxalign.train import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+                 + glob.glob(os.path.join(ROOT, "jaxalign", "recipes", "**", "*.py"), recursive=True))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
@@ -20,6 +21,6 @@ def test_recipe_loads(path):
 
 @pytest.mark.parametrize("task", ["grpo", "ppo"])
 def test_quickstart_rl_stages_use_the_verifier(task):
-    cfg = load_config(os.path.join(ROOT, "configs", "quickstart", f"{task}.py"))
+    cfg = load_config(os.path.join(ROOT, "jaxalign", "recipes", "quickstart", f"{task}.py"))
     assert cfg[task].reward_funcs == "jaxalign.rewards:sorted_digits" and cfg[task].eval_temperature == 1.0
     assert cfg.model.path.endswith("quickstart/sft") and not getattr(cfg[task], "reward_model", "")

@@ -1,6 +1,6 @@
 """Quickstart stage 1: SFT of a tiny LLaMA, from scratch, on the bundled digit-sorting task.
 
-Run by `jaxalign quickstart`, or on its own: jaxalign train --config configs/quickstart/sft.py
+Run by `jaxalign quickstart`, or on its own: jaxalign train --config jaxalign/recipes/quickstart/sft.py
 """
 import os
 

@@ -6,7 +6,7 @@ then sets data.train_files to them. The NLL term on the chosen answer (sft_coef,
 al. 2024) keeps the chosen likelihood from falling with the rejected one: without it, DPO on pairs this
 similar (one digit apart) lowers both and exact match drops. Eval: the bundled held-out pairs.
 
-On its own: jaxalign train --config configs/quickstart/dpo.py --config.model.path=runs/quickstart/sft \
+On its own: jaxalign train --config jaxalign/recipes/quickstart/dpo.py --config.model.path=runs/quickstart/sft \
     --config.data.train_files=runs/quickstart/dpo_pairs.jsonl
 """
 import os

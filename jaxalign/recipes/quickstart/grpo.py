@@ -7,7 +7,7 @@ step (the errors left are the model's real uncertainty, mostly on 6-digit lists)
 visible, and lr >= 2e-4 costs greedy accuracy (87% at 2e-4). The held-out eval samples at the training
 temperature (eval_temperature=1, one completion per prompt).
 On its own:
-jaxalign train --config configs/quickstart/grpo.py --config.model.path=runs/quickstart/sft
+jaxalign train --config jaxalign/recipes/quickstart/grpo.py --config.model.path=runs/quickstart/sft
 """
 import os
 

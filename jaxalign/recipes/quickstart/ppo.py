@@ -7,7 +7,7 @@ explains little of the return early on. In the quickstart, 800 steps (147 s on 2
 reward 0.770 -> 0.855 and sampled exact match 75.2% -> 83.4% (greedy 95.5% -> 96.0%). The held-out eval
 samples at the training temperature (one completion per prompt).
 On its own:
-jaxalign train --config configs/quickstart/ppo.py --config.model.path=runs/quickstart/sft
+jaxalign train --config jaxalign/recipes/quickstart/ppo.py --config.model.path=runs/quickstart/sft
 """
 import os
 

@@ -1,7 +1,7 @@
 """Quickstart stage 2: a reward model from the SFT model, on bundled pairs (a correct sort vs a mistake).
 
 jaxalign quickstart sets model.path to the stage-1 run; on its own:
-jaxalign train --config configs/quickstart/rm.py --config.model.path=runs/quickstart/sft
+jaxalign train --config jaxalign/recipes/quickstart/rm.py --config.model.path=runs/quickstart/sft
 """
 import os
 
