@@ -35,7 +35,7 @@ from jaxalign.config import apply_overrides, base_config  # noqa: E402
 from jaxalign.convert.hf import config_to_hf  # noqa: E402
 from jaxalign.models.presets import get_preset  # noqa: E402
 from jaxalign.parallel import targets, xla_flags  # noqa: E402
-from jaxalign.train import get_task  # noqa: E402
+from jaxalign.train.registry import get_task  # noqa: E402
 from jaxalign.train.dryrun import dry_run  # noqa: E402
 
 LADDER = ("llama3_1b", "llama3_3b", "llama3_8b", "llama3_70b")

@@ -3,7 +3,7 @@
     python bench/lora.py                                  # CPU: a small random LLaMA
     python bench/lora.py --preset llama3_1b --dtype bfloat16 --batch 8 --length 2048    # on an accelerator
 
-Both sides run the loop's own train step (jaxalign.train.loop.make_train_step) on the same random batch,
+Both sides run the loop's own train step (jaxalign.train.step.make_train_step) on the same random batch,
 after a warm-up step; LoRA adapts every attention and MLP projection at --rank with a frozen base in
 --base-dtype. Reported: median step time over --steps, trained state (params + AdamW moments) and frozen
 base bytes.
@@ -18,12 +18,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxalign import lora, models  # noqa: E402
+from jaxalign import lora  # noqa: E402
 from jaxalign.config import apply_overrides, base_config  # noqa: E402
 from jaxalign.models import presets  # noqa: E402
 from jaxalign.parallel import mesh as mesh_lib  # noqa: E402
-from jaxalign.train import get_task, loop  # noqa: E402
+from jaxalign.train import run as run_lib  # noqa: E402
 from jaxalign.train import state as state_lib  # noqa: E402
+from jaxalign.train.registry import get_task  # noqa: E402
+from jaxalign.train.step import make_train_step  # noqa: E402
 
 SMALL = presets.PRESETS["small"]
 
@@ -42,18 +44,19 @@ def bench(args, rank: int):
         model_cfg = lora.adapted_config(model_cfg, s)
     mesh, rules = mesh_lib.make_mesh(cfg.mesh.shape), mesh_lib.normalize_rules(None)
     task = get_task("sft")
-    graphdef, params_abs, tx, lr_fn, shardings = loop.state_spec(cfg, task, model_cfg, None, mesh, rules)
-    frozen = loop.frozen_base(s, cfg, model_cfg, None, mesh, rules) if s else None
-    params = lora.init_trainable(model_cfg, frozen, s, mesh, rules, 0) if s else \
-        models.from_config(model_cfg, mesh, rules).pure_params()
-    state = state_lib.init_state(tx, params, shardings, 0)
+    # the run's own pieces without data (the batch is random): slots, optimizer, shardings, frozen base
+    run = run_lib.Run(cfg, task, print, mesh, rules, "", None, None, None, model_cfg=model_cfg, lora_spec=s)
+    run_lib.state_spec(run)
+    run.frozen = frozen = run_lib.frozen_base(run) if s else None
+    shardings = run.shardings
+    state = state_lib.init_state(run.tx, run.initial_params(), shardings, 0)
     rng = np.random.default_rng(0)
     B, T = args.batch, args.length
     host = {"input_ids": rng.integers(3, model_cfg.vocab_size, (B, T), dtype=np.int32),
             "attention_mask": np.ones((B, T), np.int32), "completion_mask": np.ones((B, T), np.int32)}
     batch = mesh_lib.shard_batch(host, mesh, rules)
-    step = jax.jit(loop.make_train_step(task, graphdef, tx, lr_fn, cfg, 1), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    step = jax.jit(make_train_step(task, run.graphdef, run.tx, run.lr_fn, cfg, 1, run.compose),
+                   out_shardings=(shardings, None), donate_argnums=0)
     times = []
     with jax.set_mesh(mesh):
         for i in range(args.steps + 1):

@@ -37,12 +37,12 @@ sys.path.insert(0, ROOT)
 
 from bench import profile  # noqa: E402
 from bench import sampler as sampler_bench  # noqa: E402
-from jaxalign import models  # noqa: E402
+from jaxalign import loading  # noqa: E402
 from jaxalign.config import apply_overrides, base_config  # noqa: E402
 from jaxalign.models.presets import get_preset  # noqa: E402
 from jaxalign.parallel import xla_flags  # noqa: E402
 from jaxalign.parallel.mesh import make_mesh  # noqa: E402
-from jaxalign.train import get_task  # noqa: E402
+from jaxalign.train.registry import get_task  # noqa: E402
 from jaxalign.train.dryrun import dry_run  # noqa: E402
 from jaxalign.train.loop import read_metrics, train  # noqa: E402
 from jaxalign.train.metrics import peak_flops  # noqa: E402
@@ -136,7 +136,7 @@ def bench_sampler(args) -> dict:
     """Prefill/decode throughput of the sampler on the preset's own shape (its vocabulary, random weights) and
     the decode step against the weight-bandwidth bound; on CPU with --torch, transformers `generate` too."""
     cfg = get_preset(args.preset).replace(dtype=args.dtype, param_dtype=args.dtype)
-    lm = models.from_config(cfg, mesh=make_mesh((1, -1, 1)))
+    lm = loading.from_config(cfg, mesh=make_mesh((1, -1, 1)))
     ps = sampler_bench.prompts(args.sampler_batch, args.sampler_prompt, cfg.vocab_size)
     r = sampler_bench.measure(lm, ps, args.sampler_new, repeats=max(args.steps, 1),
                               bandwidth=sampler_bench.device_bandwidth())

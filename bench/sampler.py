@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxalign import models, sampling  # noqa: E402
+from jaxalign import loading, sampling  # noqa: E402
 from jaxalign.models import presets  # noqa: E402
 from jaxalign.parallel.mesh import make_mesh  # noqa: E402
 
@@ -132,7 +132,7 @@ def main(argv=None):
 
     cfg = model_config(args)
     mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
-    lm = models.from_config(cfg, mesh=mesh)
+    lm = loading.from_config(cfg, mesh=mesh)
     ps = prompts(args.batch, args.prompt_len, cfg.vocab_size)
     dev = jax.devices()[0]
     print(f"device {dev.device_kind} x{len(jax.devices())}, model {args.preset or 'small'} "

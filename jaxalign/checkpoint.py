@@ -1,11 +1,14 @@
 """Orbax persistence. For now: a params-only save/restore used by converted model directories
 (`jaxalign convert --from-hf`); restoring onto any mesh by passing ShapeDtypeStructs with shardings."""
+import contextlib
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxalign import JaxalignError
+from jaxalign.tree import keystr
 
 
 def save_params(path: str, params: dict):
@@ -15,12 +18,6 @@ def save_params(path: str, params: dict):
     ckptr.save(os.path.abspath(path), params)
     ckptr.wait_until_finished()
     ckptr.close()
-
-
-def keystr(path) -> str:
-    """'opt_state/1/0/count': dict keys, sequence indices and namedtuple fields alike (Orbax's metadata
-    and the target tree spell them differently)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def check_tree(path: str, stored, target):
@@ -86,6 +83,24 @@ class RunCheckpoints:
         self.manager.close()
 
 
+class _DropMissingMetadata(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _no_step_metadata_warning():
+    """Checkpointer.metadata on a manager step's `state/` item looks for a step metadata file there (the
+    manager keeps it one level up) and logs an absl WARNING "Metadata file does not exist: ..." on every load
+    of a run directory; drop exactly that message for the call, nothing else."""
+    logger, drop = logging.getLogger("absl"), _DropMissingMetadata()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def latest_run_step(run_dir: str):
     d = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(d):
@@ -104,7 +119,8 @@ def restore_run_params(run_dir: str, target: dict, step=None) -> dict:
     path = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step), "state")
     ckptr = ocp.PyTreeCheckpointer()
     try:
-        stored = ckptr.metadata(path).item_metadata["params"]
+        with _no_step_metadata_warning():
+            stored = ckptr.metadata(path).item_metadata["params"]
         nested = "actor" in stored and "actor" not in target
         if nested:
             stored, target = {"actor": stored["actor"]}, {"actor": target}

@@ -24,7 +24,7 @@ def _mesh_shape(text: str):
 def cmd_convert(args):
     import jax
 
-    from jaxalign import models
+    from jaxalign import loading
     from jaxalign.parallel.mesh import make_mesh
 
     start = time.time()
@@ -32,7 +32,7 @@ def cmd_convert(args):
         raise JaxalignError(f"{args.out}: already exists (pass --overwrite to replace it)")
     mesh = make_mesh(args.mesh)
     src = args.from_hf or args.to_hf
-    lm = models.from_pretrained(src, param_dtype=args.param_dtype, mesh=mesh, adapter=args.adapter)
+    lm = loading.from_pretrained(src, param_dtype=args.param_dtype, mesh=mesh, adapter=args.adapter)
     n = sum(x.size for x in jax.tree.leaves(lm.params))
     if args.from_hf:
         lm.save(args.out, overwrite=args.overwrite)
@@ -47,10 +47,11 @@ def cmd_convert(args):
 def cmd_prepare(args):
     from jaxalign.config import load_config
     from jaxalign.data import pipeline
+    from jaxalign.train.registry import get_task
 
     cfg = load_config(args.config, args.overrides)
     for split in ("train", "eval"):
-        data = pipeline.prepare_from_config(cfg, split)
+        data = pipeline.prepare_from_config(cfg, split, kind=get_task(cfg.task).data_kind)
         if data is not None:
             print(f"{split}: {len(data)} examples cached at {data.cache_path}")
 
@@ -58,7 +59,7 @@ def cmd_prepare(args):
 def cmd_train(args):
     from jaxalign.config import load_config
     from jaxalign.parallel import multihost
-    from jaxalign.train import get_task
+    from jaxalign.train.registry import get_task
     from jaxalign.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
@@ -73,13 +74,38 @@ def cmd_train(args):
         dry_run(cfg, get_task(cfg.task))
         return
     multihost.initialize(cfg.distributed)
-    result = train(cfg, get_task(cfg.task), log=multihost.main_only(print))
+    try:
+        result = train(cfg, get_task(cfg.task), log=multihost.main_only(print))
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError (XlaRuntimeError in older jaxlibs)
+        oom = out_of_memory(e, cfg)
+        if oom is None:
+            raise
+        raise oom from None
     if not multihost.is_main():
         return
     summary = {**result.metrics, **result.eval_metrics}
     print(f"done: step {result.step} in {result.run_dir}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in summary.items() if k in ("loss", "eval/loss", "eval/exact_match",
                                                              "token_accuracy", "tokens_per_sec")))
+
+
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory")
+
+
+def out_of_memory(e: BaseException, cfg):
+    """A device out-of-memory error (XLA's runtime error) as a JaxalignError saying what to lower; None for
+    anything else."""
+    names = {c.__name__ for c in type(e).__mro__}
+    text = str(e)
+    if not names & {"JaxRuntimeError", "XlaRuntimeError"} or not any(m in text for m in OOM_MARKERS):
+        return None
+    first = (text.strip().splitlines() or [""])[0][:160]
+    t = cfg.train
+    return JaxalignError(
+        f"out of device memory ({first}): lower train.micro_batch_size (now {t.micro_batch_size or t.batch_size}) "
+        f"or data.max_length (now {cfg.data.max_length}), set model.remat=full (now {cfg.model.remat}), or shard "
+        f"the weights over more devices with a larger mesh fsdp (mesh.shape now {tuple(cfg.mesh.shape)}); "
+        "`jaxalign train --dry-run` prints the per-device memory")
 
 
 def _generation(args) -> dict:
@@ -89,17 +115,26 @@ def _generation(args) -> dict:
                 no_repeat_ngram_size=args.no_repeat_ngram_size, stop_token_ids=stop)
 
 
+def _exists(flag: str, path: str, what: str, isdir: bool = False):
+    if not (os.path.isdir(path) if isdir else os.path.exists(path)):
+        raise JaxalignError(f"{flag} {path}: {what} not found")
+
+
 def cmd_sample(args):
     from jaxalign.sampling import batch
+    _exists("--prompts", args.prompts, "prompts file")
+    _exists("--model", args.model, "model directory", isdir=True)
     start = time.time()
     n = batch.predict_file(args.model, args.prompts, args.out, batch_size=args.batch_size,
                            num_samples=args.num_samples, chat_template=args.chat_template, mesh_shape=args.mesh,
                            seed=args.seed, adapter=args.adapter, **_generation(args))
-    print(f"wrote {n} rows to {args.out} in {time.time() - start:.1f}s")
+    print(f"wrote {n} rows to {args.out} in {time.time() - start:.1f}s ({n.tokens} tokens, "
+          f"{n.tokens_per_sec:.1f} tok/s)")
 
 
 def cmd_chat(args):
     from jaxalign.sampling import batch
+    _exists("--model", args.model, "model directory", isdir=True)
     print("jaxalign chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits")
     batch.chat(args.model, system=args.system, chat_template=args.chat_template, mesh_shape=args.mesh,
                seed=args.seed, adapter=args.adapter, **_generation(args))

@@ -1,4 +1,4 @@
-"""Configs as Python (DESIGN.md §6): a recipe file's `get_config()` returns an ml_collections ConfigDict
+"""Configs as Python (docs/DESIGN.md §6): a recipe file's `get_config()` returns an ml_collections ConfigDict
 that is merged onto the base skeleton below; `--config.a.b=value` overrides any field. A field that the
 skeleton does not have is an error naming it, never a silent no-op.
 """
@@ -10,11 +10,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from jaxalign import JaxalignError
-
-# task -> the record format its data uses (formats.KINDS)
-DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "simpo": "preference", "cpo": "preference",
-             "orpo": "preference", "kto": "unpaired", "ppo": "prompt", "grpo": "prompt"}
-
+from jaxalign.train import registry
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -49,28 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     # quantised); init_from = a PEFT adapter directory to continue from.
     c.lora = dict(rank=0, alpha=16.0, dropout=0.0, targets=r"layers/(q|k|v|o|gate|up|down)/kernel", trainable="",
                   base_dtype="bfloat16", init_from="")
-    # Task sections (names and defaults as TRL where it has them).
-    c.rm = dict(center_coef=0.0, normalize_reward=False)
-    c.dpo = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0, ref_path="",
-                 precompute_ref_logps=False)
-    c.simpo = dict(beta=2.0, gamma=0.5, label_smoothing=0.0)
-    c.cpo = dict(beta=0.1, alpha=1.0)
-    c.orpo = dict(lam=0.1)
-    c.kto = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, ref_path="", precompute_ref_logps=False)
-    # GRPO family (TRL GRPOConfig names): train.batch_size counts prompts, each sampled num_generations times.
-    c.grpo = dict(num_generations=8, max_completion_length=256, temperature=1.0, beta=0.0, kl_estimator="k3",
-                  epsilon=0.2, epsilon_high=0.0, estimator="grpo", scale_rewards="group",
-                  aggregation="token_mean", num_iterations=1, reward_funcs="", reward_weights="", ref_path="",
-                  mask_truncated_completions=False, eval_temperature=0.0, reward_model="",
-                  reward_model_weight=1.0)
-    # PPO with a critic (TRL PPOConfig / OpenRLHF / ColossalChat names). train.batch_size counts prompts per
-    # collect step; an episode collects num_collect_steps batches, then trains ppo_epochs passes over them.
-    c.ppo = dict(reward_model="", critic_path="", ref_path="", critic_lr=0.0, max_completion_length=256,
-                 temperature=1.0, kl_coef=0.05, kl_estimator="k1", adaptive_kl=False, kl_target=6.0,
-                 kl_horizon=10000, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, vf_coef=0.1,
-                 reward_clip=10.0, missing_eos_penalty=0.0, whiten_advantages=True, num_collect_steps=1,
-                 ppo_epochs=1, mask_truncated_completions=False, eval_temperature=0.0, ptx_files="",
-                 ptx_coef=0.0, reward_funcs="", reward_weights="")
+    # Each task's own section, with the defaults its file declares (train/task.py).
+    for name, task in registry.TASKS.items():
+        if task.defaults is not None:
+            c[name] = dict(task.defaults)
     return c
 
 
@@ -153,6 +131,20 @@ def load_config(path: str, overrides=(), arg=None) -> ml_collections.ConfigDict:
     cfg = base_config()
     _merge(cfg, user, path)
     apply_overrides(cfg, overrides)
-    if cfg.task not in DATA_KIND:
-        raise JaxalignError(f"{path}: task {cfg.task!r}: expected one of {sorted(DATA_KIND)}")
+    try:
+        check(cfg)
+    except JaxalignError as e:
+        raise JaxalignError(f"{path}: {e}") from None
     return cfg
+
+
+def check(cfg):
+    """The checks that need no data and no weights: the task exists, its own check (its section's fields),
+    and the batch arithmetic. `load_config` runs them, so a bad field fails before anything is read."""
+    task = registry.get_task(cfg.task)
+    if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
+        raise JaxalignError(f"train.batch_size {cfg.train.batch_size} is not a multiple of "
+                            f"train.micro_batch_size {cfg.train.micro_batch_size}")
+    if task.check is not None:
+        task.check(cfg)
+    return task

@@ -3,8 +3,9 @@ import math
 import os
 
 from jaxalign import JaxalignError
+from jaxalign.train.loop import read_metrics
 
-SKIP = {"step", "lr", "nonfinite"}
+SKIP = {"step", "time", "lr", "nonfinite"}  # "time": wall-clock seconds of each line, not a curve
 
 
 def plot_run(run_dir: str, out: str = None) -> str:
@@ -14,7 +15,6 @@ def plot_run(run_dir: str, out: str = None) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         raise JaxalignError("jaxalign plot needs matplotlib: pip install 'jaxalign[plot]'") from None
-    from jaxalign.train.loop import read_metrics
 
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         raise JaxalignError(f"{run_dir}: no metrics.jsonl")

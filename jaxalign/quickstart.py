@@ -17,6 +17,11 @@ import numpy as np
 
 import jaxalign
 from jaxalign import sampling
+from jaxalign.config import load_config
+from jaxalign.data.formats import read_records
+from jaxalign.data.templates import Renderer, load_tokenizer
+from jaxalign.train.registry import get_task
+from jaxalign.train.loop import read_metrics, train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(jaxalign.__file__)), "recipes", "quickstart")
 MARKER = ".jaxalign-quickstart"
@@ -32,8 +37,6 @@ def complete(lm, tok, prompts: list, temperature: float = 0.0, n: int = 1, seed:
 
 def sorting_task(path: str, tok):
     """(records, prompt ids, reference answers) of a bundled digit-sorting file."""
-    from jaxalign.data.formats import read_records
-    from jaxalign.data.templates import Renderer
     records = [r.data for r in read_records(path)]
     renderer = Renderer(tok)
     prompts = [renderer.prompt(r["messages"][:1], path) for r in records]
@@ -69,15 +72,10 @@ def compare_exact_match(before, after, name, tok, prompts, answers, log):
 
 
 def first_eval(run_dir, key):
-    return next(m[key] for m in jaxalign.train.loop.read_metrics(run_dir) if key in m)
+    return next(m[key] for m in read_metrics(run_dir) if key in m)
 
 
 def run(root: str = "runs/quickstart", log=print):
-    from jaxalign.config import load_config
-    from jaxalign.data.templates import load_tokenizer
-    from jaxalign.train import get_task
-    from jaxalign.train.loop import train
-
     if os.path.isdir(root) and os.path.exists(os.path.join(root, MARKER)):
         shutil.rmtree(root)  # the quickstart always starts fresh (only ever deletes its own directory)
     os.makedirs(root, exist_ok=True)

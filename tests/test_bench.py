@@ -8,7 +8,7 @@ from bench import run
 
 def test_bench_runs_every_kind_and_records_it(tmp_path):
     out = tmp_path / "results.jsonl"
-    line = run.main(["--suite", "cpu", "--preset", "tiny", "--steps", "1", "--batch", "4", "--length", "64", "--torch",
+    line = run.main(["--suite", "cpu", "--preset", "tiny", "--steps", "1", "--batch", "8", "--length", "64", "--torch",
                      "--sampler-batch", "2", "--sampler-prompt", "8", "--sampler-new", "4", "--out", str(out)])
     stored = json.loads(out.read_text().splitlines()[-1])
     assert stored["settings"]["preset"] == "tiny" and stored["commit"] and stored["peak_flops"] > 0
@@ -31,7 +31,7 @@ def test_bench_runs_every_kind_and_records_it(tmp_path):
 
 def test_isolated_kinds_run_in_their_own_processes(tmp_path):
     out = tmp_path / "results.jsonl"
-    line = run.main(["--suite", "cpu", "--preset", "tiny", "--steps", "1", "--batch", "4", "--length", "32",
+    line = run.main(["--suite", "cpu", "--preset", "tiny", "--steps", "1", "--batch", "8", "--length", "32",
                      "--kinds", "sft,sampler", "--isolate", "--sampler-batch", "2", "--sampler-prompt", "8",
                      "--sampler-new", "2", "--out", str(out)])
     assert set(line["results"]) == {"sft", "sampler"} and line["results"]["sft"]["step_time_s"] > 0

@@ -20,7 +20,8 @@ from safetensors.numpy import load_file, save_file
 import jaxalign
 from jaxalign import JaxalignError
 from jaxalign.convert import hf
-from jaxalign.models import ModelConfig, from_config, from_pretrained
+from jaxalign.loading import from_config, from_pretrained
+from jaxalign.models import ModelConfig
 from jaxalign.parallel.mesh import make_mesh
 from tests import hf_models
 
@@ -561,7 +562,7 @@ def _bug(fn, what):
     _bug(_index_without_weight_map, "KeyError('weight_map') from SafetensorsDir"),
     _bug(_index_wrong_shard, "SafetensorError from SafetensorsDir.shape (get_slice outside the try)"),
     _bug(_config_field_wrong_type, "TypeError from the model constructor (config field types unchecked)"),
-    _bug(_native_config_not_json, "JSONDecodeError from models.load_config"),
+    _bug(_native_config_not_json, "JSONDecodeError from loading.load_config"),
     _bug(_native_config_unknown_field, "ValueError from ModelConfig.from_dict"),
 ])
 def test_cli_malformed_checkpoint(hf_model_dir, tmp_path, capsys, corrupt):

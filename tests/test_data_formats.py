@@ -1,4 +1,4 @@
-"""Record formats (DESIGN.md §5): every accepted record shape, every file type, file weights and globs, and
+"""Record formats (docs/DESIGN.md §5): every accepted record shape, every file type, file weights and globs, and
 errors that name the file, the line or row and the field."""
 import json
 import os

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxalign import JaxalignError
-from jaxalign.data import pipeline, templates
+from jaxalign.data import formats, kinds, pipeline, templates
 from jaxalign.data.pipeline import Batches, DataSpec
 from tests.tokenizers_util import CORPUS, make_tokenizer, write_jsonl
 
@@ -302,7 +302,7 @@ def test_packing_exact(packed):
 
 
 def test_packed_row_equals_segments_alone_in_a_model(packed, tok):
-    from jaxalign import models
+    from jaxalign import loading
     from jaxalign.models.presets import get_preset
 
     data, rows, L = packed
@@ -310,7 +310,7 @@ def test_packed_row_equals_segments_alone_in_a_model(packed, tok):
     segs = b["segment_ids"][0]
     k = int(segs.max())
     assert k >= 2
-    lm = models.from_config(get_preset("tiny", vocab_size=len(tok)))
+    lm = loading.from_config(get_preset("tiny", vocab_size=len(tok)))
     packed_logits = np.asarray(lm(b["input_ids"], b["attention_mask"], positions=b["positions"],
                                   segment_ids=b["segment_ids"]))
     alone = [b["input_ids"][0][segs == s] for s in range(1, k + 1)]
@@ -353,21 +353,90 @@ def test_preference_batches_and_stack_pairs(tmp_path, tok, tok_dir):
 
 
 def test_unpaired_batches_label_and_kl(tmp_path, tok, tok_dir):
+    from jaxalign.train.preference import kto_kl_rows
+
     records = [{"prompt": f"Hi {i}", "completion": ["Yes.", "No.", "Maybe.", "Thanks!"][i], "label": i % 2 == 0}
                for i in range(4)]
     data = prep(tmp_path, tok, tok_dir, write_jsonl(tmp_path / "u.jsonl", records), "unpaired", max_length=64)
     b = next(Batches(data, 4, shuffle=False, buckets=(32, 64)))
     prompts = [chatml_prompt(tok, r["prompt"]) for r in records]
     comps = [chatml_reply(tok, r["completion"]) for r in records]
+    # The data layer builds no KL rows (task logic: train/preference.py); it hands over the global batch's rows.
+    assert not any(k.startswith("kl_") for k in b)
+    assert isinstance(b["batch_rows"], kinds.BatchRows)
+    assert (b["batch_rows"].prompt_ids, b["batch_rows"].completion_ids) == (prompts, comps)
+    k = kto_kl_rows(b, 64)
+    assert "batch_rows" not in k and not any(key.startswith("kl_") for key in b)  # a new dict; b is left alone
     kl = [comps[(i + 1) % 4] for i in range(4)]  # KL point: prompt i with the completion of the next row
     for prefix, cs in (("", comps), ("kl_", kl)):
-        np.testing.assert_array_equal(b[f"{prefix}input_ids"], right_pad([p + c for p, c in zip(prompts, cs)], 32))
-        np.testing.assert_array_equal(b[f"{prefix}completion_mask"],
+        np.testing.assert_array_equal(k[f"{prefix}input_ids"], right_pad([p + c for p, c in zip(prompts, cs)], 32))
+        np.testing.assert_array_equal(k[f"{prefix}completion_mask"],
                                       right_pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, cs)], 32))
-        np.testing.assert_array_equal(b[f"{prefix}attention_mask"],
+        np.testing.assert_array_equal(k[f"{prefix}attention_mask"],
                                       right_pad([[1] * (len(p) + len(c)) for p, c in zip(prompts, cs)], 32))
-    np.testing.assert_array_equal(b["label"], [True, False, True, False])
-    assert b["label"].dtype == bool
+        assert k[f"{prefix}input_ids"].dtype == np.int32
+    np.testing.assert_array_equal(k["label"], [True, False, True, False])
+    assert k["label"].dtype == bool
+
+
+def test_kto_kl_rows_widen_cut_wrap_and_split(tmp_path, tok, tok_dir):
+    """KL rows longer than the batch's own rows widen both to their bucket; a KL row is cut to max_length;
+    in an eval pass's last batch the real rows wrap among themselves and the fill rows stay empty; and two
+    processes' KL rows are the halves of one process's."""
+    from jaxalign.train.preference import kto_kl_rows
+
+    L, buckets = 56, (32, 48, 56)
+    long_q, long_a = "What is two plus two? Name a color.", "The quick brown fox The quick brown fox"
+    records = [{"prompt": long_q, "completion": "Yes.", "label": True},
+               {"prompt": "Hi", "completion": long_a, "label": False},
+               {"prompt": long_q, "completion": "No.", "label": True},
+               {"prompt": "Hi 2", "completion": "Maybe.", "label": False},
+               {"prompt": "Hi 3", "completion": "Thanks!", "label": True}]
+    data = prep(tmp_path, tok, tok_dir, write_jsonl(tmp_path / "u.jsonl", records), "unpaired", max_length=L)
+    prompts = [chatml_prompt(tok, r["prompt"]) for r in records]
+    comps = [chatml_reply(tok, r["completion"]) for r in records]
+    own = [len(p) + len(c) for p, c in zip(prompts, comps)]
+    assert max(own) <= 48 and len(prompts[0]) + len(comps[1]) > L, own
+    kw = dict(shuffle=False, epochs=1, drop_last=False, buckets=buckets)
+    batches = [kto_kl_rows(b, L) for b in Batches(data, 4, **kw)]
+    assert len(batches) == 2
+    for b, rows in zip(batches, ([0, 1, 2, 3], [4])):
+        kl = {i: comps[rows[(n + 1) % len(rows)]][:L - len(prompts[i])] for n, i in enumerate(rows)}
+        longest = max([own[i] for i in rows] + [len(prompts[i]) + len(kl[i]) for i in rows])
+        T = min(x for x in buckets if x >= longest)
+        fill = [[]] * (4 - len(rows))
+        for prefix, cs in (("", {i: comps[i] for i in rows}), ("kl_", kl)):
+            np.testing.assert_array_equal(b[f"{prefix}input_ids"],
+                                          right_pad([prompts[i] + cs[i] for i in rows] + fill, T, PAD))
+            np.testing.assert_array_equal(b[f"{prefix}attention_mask"],
+                                          right_pad([[1] * (len(prompts[i]) + len(cs[i])) for i in rows] + fill, T))
+            np.testing.assert_array_equal(b[f"{prefix}completion_mask"], right_pad(
+                [[0] * len(prompts[i]) + [1] * len(cs[i]) for i in rows] + fill, T))
+        np.testing.assert_array_equal(b["weight"], [1] * len(rows) + [0] * len(fill))
+    assert batches[0]["input_ids"].shape == (4, L)  # widened from 48 by prompt 0 + completion 1, cut to L
+    assert batches[0]["kl_attention_mask"][0].sum() == L
+    assert batches[1]["input_ids"].shape == (4, 32)  # row 4 alone: its own completion
+    halves = [[kto_kl_rows(b, L) for b in Batches(data, 4, process_index=r, process_count=2, **kw)] for r in (0, 1)]
+    for w, h0, h1 in zip(batches, *halves):
+        assert set(w) == set(h0) == set(h1)
+        for key in w:
+            np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), w[key], err_msg=key)
+
+
+def test_kinds_registry_and_empty_rows(tmp_path, tok):
+    """One class per record kind, by the names configs and caches use; a failed example's row has exactly
+    the columns of a rendered one."""
+    assert tuple(kinds.KINDS) == formats.KINDS
+    renderer = templates.Renderer(tok)
+    examples = {"sft": {"messages": [U("Hi"), A("Yes.")]},
+                "preference": {"prompt": [U("Hi")], "chosen": [A("Yes.")], "rejected": [A("No.")], "margin": None},
+                "unpaired": {"prompt": [U("Hi")], "completion": [A("Yes.")], "label": True},
+                "prompt": {"prompt": [U("Hi")], "extra": "{}"}}
+    for name, kind in kinds.KINDS.items():
+        assert kind.name == name and kind.packs == (name == "sft")
+        row = kind.tokenize(renderer, {**examples[name], "where": "x:1"}, DataSpec(name, max_length=64))
+        assert set(row) - {"truncated", "dropped", "length"} == set(kind.empty_row()), name
+        assert kind.empty_row() is not kind.empty_row()
 
 
 def test_prompt_batches_left_padded_with_extra(tmp_path, tok, tok_dir):
@@ -449,9 +518,15 @@ def test_two_processes_get_disjoint_halves(tmp_path, sft16, tok, tok_dir):
     cases = [(data, train), (data, dict(train, packing=True)), (pref, train), (kto, train), (prompts, train),
              (data, {"epochs": 1, "shuffle": False, "drop_last": False}),
              (kto, {"epochs": 1, "shuffle": False, "drop_last": False})]
+    from jaxalign.train.preference import kto_kl_rows
+
+    def batches(d, **kw):  # unpaired: with KTO's KL rows, which span both processes' rows
+        out = list(Batches(d, 4, **kw))
+        return [kto_kl_rows(b, 64) for b in out] if d is kto else out
+
     for d, kw in cases:
-        whole = list(Batches(d, 4, **kw))
-        halves = [list(Batches(d, 4, process_index=r, process_count=2, **kw)) for r in (0, 1)]
+        whole = batches(d, **kw)
+        halves = [batches(d, process_index=r, process_count=2, **kw) for r in (0, 1)]
         assert len(halves[0]) == len(halves[1]) == len(whole) > 1
         for w, h0, h1 in zip(whole, *halves):
             for k in w:
@@ -536,6 +611,19 @@ def test_cache_hits_and_invalidation(tmp_path, tok, tok_dir):
     changed = prep(tmp_path, tok, tok_dir, path, "sft", max_length=64)
     new(changed)
     assert len(changed) == 4
+
+
+def test_prepare_shows_no_datasets_progress_bars(tmp_path, tok, tok_dir, capfd):
+    """Tokenising, filtering, saving and loading the cache print no "Map"/"Filter"/"Saving the dataset" bars;
+    the global switch is put back, so a caller's own `datasets` use keeps its bars."""
+    import datasets
+    before = datasets.are_progress_bars_disabled()
+    path = write_jsonl(tmp_path / "a.jsonl", sft_records(3))
+    for _ in range(2):  # fresh, then from the cache
+        prep(tmp_path, tok, tok_dir, path, "sft", max_length=64)
+        out, err = capfd.readouterr()
+        assert out + err == "", out + err
+    assert datasets.are_progress_bars_disabled() == before
 
 
 # ------------------------------------------------------------------------------------------ sentencepiece
@@ -630,13 +718,13 @@ def test_prepare_from_config(tmp_path, tok, tok_dir):
     ev = write_jsonl(tmp_path / "e.jsonl", sft_records(2))
     cfg = load_config(write_recipe(tmp_path / "cfg.py", tok_dir, train),
                       [f"data.eval_files={ev}", f"data.cache_dir={tmp_path / 'c'}", "data.max_length=48"])
-    data = pipeline.prepare_from_config(cfg, "train", log=lambda m: None)
+    data = pipeline.prepare_from_config(cfg, "train", log=lambda m: None, kind="sft")
     assert data.spec == DataSpec("sft", max_length=48) and len(data) == 3
     assert data.dataset["input_ids"] == [r[0] for r in sft_expected(tok, sft_records(3))]
     assert os.path.dirname(data.cache_path) == str(tmp_path / "c")
-    assert len(pipeline.prepare_from_config(cfg, "eval", log=lambda m: None)) == 2
+    assert len(pipeline.prepare_from_config(cfg, "eval", log=lambda m: None, kind="sft")) == 2
     cfg.data.eval_files = ""
-    assert pipeline.prepare_from_config(cfg, "eval") is None
+    assert pipeline.prepare_from_config(cfg, "eval", kind="sft") is None
 
 
 def test_cli_prepare(tmp_path, tok, tok_dir):

@@ -1,6 +1,8 @@
 """Loss building blocks and the optimizer against independent NumPy re-implementations: chunked token
-log-probs (values, gradients, stats), the SFT loss, sequence log-probs, weight-decay masking and the
-learning-rate schedules."""
+log-probs (values, gradients, stats), the SFT loss, sequence log-probs, the reductions of per-example
+metrics, weight-decay masking and the learning-rate schedules. Also: jaxalign.losses exports every public
+loss, and the dtype helpers the other loss tests share (float32, bfloat16, float64)."""
+import contextlib
 import math
 
 import jax
@@ -9,8 +11,76 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxalign.losses import sequence_logprobs, sft_loss, shift, token_logprobs
+import jaxalign.losses as L
+from jaxalign.losses import mean_metrics, sequence_logprobs, sft_loss, sft_sums, shift, token_logprobs, weighted_sums
 from jaxalign.train import optim
+
+# ------------------------------------------------------------------------------------ dtype helpers
+
+DTYPES = ("float32", "bfloat16", "float64")
+# bfloat16 keeps 8 significant bits (relative spacing 2^-8 ~ 0.4%): a loss of a few roundings is within ~3%.
+DTYPE_TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=3e-2, atol=3e-2),
+             "float64": dict(rtol=1e-10, atol=1e-10)}
+
+
+@contextlib.contextmanager
+def in_dtype(name):
+    """The JAX dtype `name`; float64 arrays exist only under jax.enable_x64, which the block runs in."""
+    if name == "float64":
+        with jax.enable_x64(True):
+            yield jnp.dtype("float64")
+    else:
+        yield jnp.dtype(name)
+
+
+def as_dtype(dtype, *xs):
+    """([each float array as a JAX array of `dtype`, others as they are], [the values each holds, float64
+    for the floats]): the references see exactly the (rounded) inputs jaxalign gets."""
+    arrays, values = [], []
+    for x in xs:
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            a = jnp.asarray(x, dtype)
+            arrays.append(a)
+            values.append(np.asarray(a).astype(np.float64))
+        else:
+            arrays.append(jnp.asarray(x))
+            values.append(x)
+    return arrays, values
+
+
+def assert_dtype(dtype, **outputs):
+    for name, x in outputs.items():
+        assert jnp.asarray(x).dtype == dtype, (name, jnp.asarray(x).dtype, dtype)
+
+
+# --------------------------------------------------------------------------------------- the API
+
+EXPORTED = {
+    "logprobs": ["masked_sum", "sequence_logprobs", "shift", "token_logprobs"],
+    "sft": ["sft_loss", "sft_sums"],
+    "reward": ["reward_loss", "reward_losses"],
+    "preference": ["DPO_LOSS_TYPES", "cpo_loss", "cpo_losses", "dpo_loss", "dpo_losses", "dpo_pair_metrics",
+                   "dpo_type_losses", "kto_kl", "kto_loss", "kto_losses", "log1mexp", "mean_token_nll",
+                   "orpo_log_odds", "orpo_loss", "orpo_losses", "simpo_loss", "simpo_losses"],
+    "policy": ["AGGREGATIONS", "ESTIMATORS", "SCALES", "aggregate", "gae", "group_advantages", "kl_penalty",
+               "policy_loss", "policy_loss_sums", "policy_loss_terms", "value_loss", "value_loss_terms", "whiten"],
+    "reduce": ["mean_loss", "mean_metrics", "weighted_sums"],
+}
+
+
+def test_losses_exports_every_public_function():
+    import importlib
+    want = {name for names in EXPORTED.values() for name in names}
+    assert set(L.__all__) == want and len(L.__all__) == len(want)
+    for module, names in EXPORTED.items():
+        mod = importlib.import_module(f"jaxalign.losses.{module}")
+        for name in names:
+            assert getattr(L, name) is getattr(mod, name), name
+        # every public callable of the module is exported
+        public = {n for n, v in vars(mod).items() if not n.startswith("_") and callable(v)
+                  and getattr(v, "__module__", None) == mod.__name__}
+        assert public <= set(names), (module, sorted(public - set(names)))
 
 B, T, D, V = 3, 10, 8, 37
 
@@ -149,6 +219,110 @@ def test_sft_loss_token_mean_not_row_mean():
 def test_sft_loss_empty_mask_is_zero():
     loss, metrics = sft_loss(jnp.full((2, 3), -5.0), jnp.zeros((2, 3)))
     assert float(loss) == 0.0 and float(metrics["tokens"]) == 0.0
+
+
+def sft_inputs(seed=9):
+    rng = np.random.default_rng(seed)
+    logps = (-rng.random((5, 7)) * 3).astype(np.float32)
+    mask = (rng.random((5, 7)) < 0.6).astype(np.int32)
+    mask[0] = 0  # no completion tokens: not a row of exact_match
+    correct = rng.random((5, 7)) < 0.7
+    correct[1] = True  # greedy reproduces row 1 ...
+    correct[2] = mask[2] == 0  # ... and row 2, whose only misses are outside its mask
+    mask[2, 0] = 1
+    correct[2, 0] = True
+    entropy = rng.uniform(0.0, 3.0, (5, 7)).astype(np.float32)
+    return logps, mask, correct, entropy
+
+
+def np_sft(logps, mask, correct, entropy):
+    m = np.asarray(mask, np.float64)
+    rows = m.sum(1) > 0
+    exact = np.all(correct | (m == 0), axis=1) & rows
+    n = m.sum()
+    return -(np.asarray(logps, np.float64) * m).sum() / n, {
+        "token_accuracy": (correct * m).sum() / n, "entropy": (np.asarray(entropy, np.float64) * m).sum() / n,
+        "exact_match": exact.sum() / rows.sum(), "tokens": n}
+
+
+def test_sft_sums_and_loss_match_numpy():
+    logps, mask, correct, entropy = sft_inputs()
+    stats = {"correct": jnp.asarray(correct), "entropy": jnp.asarray(entropy)}
+    want, want_metrics = np_sft(logps, mask, correct, entropy)
+    total, tokens, sums = sft_sums(jnp.asarray(logps), jnp.asarray(mask), stats)
+    np.testing.assert_allclose(float(total) / float(tokens), want, rtol=1e-6)
+    assert float(tokens) == mask.sum() and set(sums) == {"token_accuracy", "entropy", "exact_match"}
+    for k, (num, den) in sums.items():
+        np.testing.assert_allclose(float(num) / float(den), want_metrics[k], rtol=1e-6, err_msg=k)
+    assert 0 < want_metrics["exact_match"] < 1
+    loss, metrics = sft_loss(jnp.asarray(logps), jnp.asarray(mask), stats)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["nll"]), want, rtol=1e-6)
+    for k, v in want_metrics.items():
+        np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-6, err_msg=k)
+    assert set(sft_sums(jnp.asarray(logps), jnp.asarray(mask))[2]) == set()  # no stats: no metrics
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_sft_loss_in_each_dtype(dtype_name):
+    logps, mask, correct, entropy = sft_inputs()
+    with in_dtype(dtype_name) as dtype:
+        (lp, m, ent), (f_lp, _, f_ent) = as_dtype(dtype, logps, mask.astype(np.float32), entropy)
+        loss, metrics = sft_loss(lp, m, {"correct": jnp.asarray(correct), "entropy": ent})
+        jitted, _ = jax.jit(sft_loss)(lp, jnp.asarray(mask), {"correct": jnp.asarray(correct), "entropy": ent})
+        assert_dtype(dtype, loss=loss, jitted=jitted, **{k.replace("/", "_"): v for k, v in metrics.items()})
+        seq = sequence_logprobs(lp, m)
+        seq_avg = sequence_logprobs(lp, m, average=True)
+        assert_dtype(dtype, seq=seq, seq_avg=seq_avg)
+    want, want_metrics = np_sft(f_lp, mask, correct, f_ent)
+    tol = DTYPE_TOL[dtype_name]
+    np.testing.assert_allclose(np.float64(loss), want, **tol)
+    np.testing.assert_allclose(np.float64(jitted), want, **tol)
+    for k, v in want_metrics.items():
+        np.testing.assert_allclose(np.float64(metrics[k]), v, err_msg=k, **tol)
+    np.testing.assert_allclose(np.asarray(seq, np.float64), (f_lp * mask).sum(-1), **tol)
+    np.testing.assert_allclose(np.asarray(seq_avg, np.float64),
+                               (f_lp * mask).sum(-1) / np.maximum(mask.sum(-1), 1), **tol)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_token_logprobs_at_least_float32(dtype_name):
+    """bfloat16 hidden states give float32 log-probs (the log-softmax is never computed in bfloat16);
+    float64 stays float64."""
+    hidden, head, targets = inputs(12)
+    with in_dtype(dtype_name) as dtype:
+        (h, k), (f_h, f_k) = as_dtype(dtype, hidden, head)
+        got = token_logprobs(h, k, jnp.asarray(targets), chunk_size=4)
+    assert got.dtype == (jnp.float32 if dtype_name == "bfloat16" else dtype)
+    want, _, _ = np_token_logprobs(f_h, f_k, targets)
+    tol = {"float32": 1e-5, "bfloat16": 0.2, "float64": 1e-10}[dtype_name]  # bf16: logits of bf16 matmuls
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------------- per-example metric reductions
+
+def test_mean_metrics_and_weighted_sums_agree():
+    """weighted_sums with 0/1 weights is mean_metrics over the weight-1 examples, for each kind of metric:
+    a plain per-example value, a masked (per-class) one and a batch-level scalar."""
+    rng = np.random.default_rng(13)
+    values = rng.normal(size=8).astype(np.float32)
+    cls = (np.arange(8) % 3 == 0).astype(np.float32)
+    weight = np.array([1, 1, 0, 1, 0, 1, 1, 1], np.float32)
+    per = lambda sel: {"plain": jnp.asarray(values[sel]), "masked": (jnp.asarray(values[sel]),  # noqa: E731
+                                                                     jnp.asarray(cls[sel])),
+                       "scalar": jnp.float32(0.25)}
+    means = mean_metrics(per(weight > 0))
+    sums = weighted_sums(per(slice(None)), jnp.asarray(weight))
+    for k in means:
+        num, den = sums[k]
+        np.testing.assert_allclose(float(num) / float(den), float(means[k]), rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(float(means["plain"]), values[weight > 0].mean(), rtol=1e-6)
+    sel = (weight > 0) & (cls > 0)
+    np.testing.assert_allclose(float(means["masked"]), values[sel].mean(), rtol=1e-6)
+    assert float(means["scalar"]) == 0.25 and float(sums["scalar"][1]) == weight.sum()
+    # a class with no example: mean 0, count 0
+    empty = mean_metrics({"m": (jnp.asarray(values), jnp.zeros(8))})
+    assert float(empty["m"]) == 0.0
 
 
 # ---------------------------------------------------------------------------------- sequence_logprobs

@@ -1,9 +1,10 @@
 """Online-RL losses (jaxalign/losses/policy.py) against independent float64 NumPy re-implementations of the
-formulas in ../shared/REFERENCE.md §2.7-2.10 (TRL's GRPO/RLOO/PPO code, OpenRLHF's estimators).
+formulas of TRL's GRPO/RLOO/PPO trainers and OpenRLHF's estimators.
 
 The references below import nothing from jaxalign: each one is written from the formula, with explicit loops
-where the papers and TRL use them (group baselines, the GAE recursion). jaxalign runs in float32 on float32
-inputs; the references see the same float32 values promoted to float64.
+where the papers and TRL use them (group baselines, the GAE recursion). jaxalign runs in the inputs' dtype;
+the references see the same values promoted to float64. Every function is also checked in float32, bfloat16
+(loose tolerance) and float64 (under jax.enable_x64, and in a process started with JAX_ENABLE_X64).
 """
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ def policy_inputs(seed, per_token_adv=False, spread=0.3):
 # ------------------------------------------------------------------------------------ NumPy references
 
 def np_group_advantages(rewards, G, scale="group", estimator="grpo", eps=1e-4):
-    """REFERENCE.md §2.7 (TRL GRPO), §2.8 / §2.10 (RLOO leave-one-out baseline, REINFORCE++-baseline)."""
+    """TRL GRPO (group-normalised), RLOO's leave-one-out baseline and REINFORCE++-baseline (OpenRLHF)."""
     r = f64(rewards)
     n = len(r)
     out = np.zeros(n)
@@ -114,7 +115,7 @@ def np_aggregate(per_token, mask, aggregation, max_len=None):
 
 
 def np_gae(rewards, values, mask, gamma, lam):
-    """REFERENCE.md §2.9: TRL's lastgaelam loop on rewards/values zeroed outside the mask (TRL zeroes values
+    """TRL's lastgaelam loop on rewards/values zeroed outside the mask (TRL zeroes values
     past the response and rewards there are 0), returns = adv + values, then masked."""
     m = f64(mask)
     r, v = f64(rewards) * m, f64(values) * m
@@ -560,3 +561,171 @@ def test_grad_off_policy_is_ppo_gradient(seed):
     want = -f64(adv) * ratio * (1 - clipped) * mask / mask.sum()
     close(g, want, rtol=1e-5, atol=1e-7)
     assert np.any((clipped * mask) > 0)
+
+
+# ------------------------------------------------------------------------------------- policy_loss_sums
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_policy_loss_sums_are_policy_loss(aggregation):
+    """policy_loss_sums (the GRPO trainer's form) divided once is policy_loss, and its metric sums are over
+    the masked tokens."""
+    logps, old, ref, adv, mask = policy_inputs(6)
+    args = tuple(map(jnp.asarray, (logps, old, adv, mask)))
+    kw = dict(clip_eps=0.2, clip_eps_high=0.28, ref_logps=jnp.asarray(ref), kl_coef=0.05, aggregation=aggregation)
+    total, denom, sums = P.policy_loss_sums(*args, **kw)
+    loss, metrics = P.policy_loss(*args, **kw)
+    close(float(total) / float(denom), float(loss))
+    w_loss, w_clipped, w_kl = np_policy_terms(logps, old, adv, 0.2, 0.28, ref, 0.05, "k3")
+    close(float(total) / float(denom), np_aggregate(w_loss, mask, aggregation))
+    assert set(sums) == set(metrics) == {"kl", "clip_ratio"}
+    close(sums["kl"][0], (w_kl * mask).sum(), rtol=1e-5, atol=1e-4)
+    close(sums["clip_ratio"][0], (w_clipped * mask).sum())
+    close(sums["kl"][1], mask.sum())
+    for k in sums:
+        close(metrics[k], float(sums[k][0]) / float(sums[k][1]), err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------- dtypes
+
+from tests.test_losses import DTYPE_TOL, DTYPES, as_dtype, assert_dtype, in_dtype  # noqa: E402
+
+# bfloat16: the GAE recursion and the whitening statistics compound a few roundings more than one loss does
+BF16_TOL = dict(rtol=5e-2, atol=5e-2)
+
+
+def _tol(dtype_name):
+    return BF16_TOL if dtype_name == "bfloat16" else DTYPE_TOL[dtype_name]
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                             ("rloo", "group"), ("reinforce++", "group")])
+def test_group_advantages_in_each_dtype(dtype_name, estimator, scale):
+    r = rewards_for("normal", 0, 16)
+    with in_dtype(dtype_name) as dtype:
+        (x,), (fx,) = as_dtype(dtype, r)
+        got = P.group_advantages(x, 4, scale=scale, estimator=estimator)
+        jitted = jax.jit(lambda a: P.group_advantages(a, 4, scale=scale, estimator=estimator))(x)
+        assert_dtype(dtype, got=got, jitted=jitted)
+    want = np_group_advantages(fx, 4, scale, estimator)
+    close(got, want, **_tol(dtype_name))
+    close(jitted, want, **_tol(dtype_name))
+
+
+def test_group_advantages_of_integer_rewards_are_float():
+    got = P.group_advantages(jnp.asarray([1, 0, 0, 1, 1, 1, 0, 0]), 4)
+    assert jnp.issubdtype(got.dtype, jnp.floating)
+    close(got, np_group_advantages(np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float64), 4), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_policy_losses_in_each_dtype(dtype_name, aggregation):
+    logps, old, ref, adv, mask = policy_inputs(1, per_token_adv=True)
+    with in_dtype(dtype_name) as dtype:
+        (lp, ol, rf, ad), (f_lp, f_ol, f_rf, f_ad) = as_dtype(dtype, logps, old, ref, adv)
+        m = jnp.asarray(mask > 0)  # a boolean mask: cast to the values' dtype inside
+        kw = dict(clip_eps=0.2, clip_eps_high=0.28, ref_logps=rf, kl_coef=0.05)
+        loss_t, clipped, kl = P.policy_loss_terms(lp, ol, ad, **kw)
+        k1 = P.kl_penalty(lp, rf, "k1")
+        s, d = P.aggregate(loss_t, m, aggregation)
+        total, denom, sums = P.policy_loss_sums(lp, ol, ad, m, aggregation=aggregation, **kw)
+        loss, metrics = P.policy_loss(lp, ol, ad, m, aggregation=aggregation, **kw)
+        jitted, _ = jax.jit(lambda *a: P.policy_loss(*a, aggregation=aggregation, **kw))(lp, ol, ad, m)
+        assert_dtype(dtype, loss_t=loss_t, clipped=clipped, kl=kl, k1=k1, s=s, d=d, total=total, denom=denom,
+                     loss=loss, jitted=jitted, clip_ratio=metrics["clip_ratio"], kl_metric=metrics["kl"],
+                     **{f"{k}_{i}": v for k, pair in sums.items() for i, v in enumerate(pair)})
+    w_loss, w_clipped, w_kl = np_policy_terms(f_lp, f_ol, f_ad, 0.2, 0.28, f_rf, 0.05, "k3")
+    tol = _tol(dtype_name)
+    close(loss_t, w_loss, **tol)
+    close(kl, w_kl, **tol)
+    close(k1, np_kl(f_lp, f_rf, "k1"), **tol)
+    close(loss, np_aggregate(w_loss, mask, aggregation), **tol)
+    close(jitted, np_aggregate(w_loss, mask, aggregation), **tol)
+    close(metrics["kl"], (w_kl * mask).sum() / mask.sum(), **tol)
+    # a ratio within a rounding of a clip bound may land on either side in bfloat16: one or two tokens
+    n_off = np.abs(np.asarray(clipped, np.float64) - w_clipped).sum()
+    assert n_off <= (2 if dtype_name == "bfloat16" else 0), n_off
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_whiten_gae_and_value_loss_in_each_dtype(dtype_name):
+    lengths = [9, 7, 1, 0, 9, 3]
+    rewards, values, gae_mask = gae_inputs(0, lengths)
+    rng = np.random.default_rng(1)
+    grid = lambda x: np.round(x * 64) / 64  # noqa: E731  (no ties between the two branches, see above)
+    v_old = grid(rng.normal(0.0, 1.0, (len(lengths), 9)))
+    v = (v_old + grid(rng.normal(0.0, 0.5, v_old.shape))).astype(np.float32)
+    ret = (v_old + grid(rng.normal(0.0, 1.0, v_old.shape))).astype(np.float32)
+    v_old = v_old.astype(np.float32)
+    with in_dtype(dtype_name) as dtype:
+        (r, vals, m, vv, vo, rt), (fr, fvals, _, fv, fvo, frt) = as_dtype(
+            dtype, rewards, values, gae_mask, v, v_old, ret)
+        adv, returns = P.gae(r, vals, m, gamma=0.99, lam=0.95)
+        adv_jit, _ = jax.jit(lambda a, b, c: P.gae(a, b, c, gamma=0.99, lam=0.95))(r, vals, m)
+        white = P.whiten(adv, m)
+        white_keep = P.whiten(adv, m, shift_mean=False)
+        vl_terms, vl_clipped = P.value_loss_terms(vv, vo, rt, clip=0.25)
+        vl, clipfrac = P.value_loss(vv, vo, rt, m, clip=0.25)
+        assert_dtype(dtype, adv=adv, returns=returns, adv_jit=adv_jit, white=white, white_keep=white_keep,
+                     vl_terms=vl_terms, vl_clipped=vl_clipped, vl=vl, clipfrac=clipfrac)
+    tol = _tol(dtype_name)
+    w_adv, w_ret = np_gae(fr, fvals, gae_mask, 0.99, 0.95)
+    close(adv, w_adv, **tol)
+    close(adv_jit, w_adv, **tol)
+    close(returns, w_ret, **tol)
+    # whitening the jaxalign advantages (in their dtype) against the reference whitening of the same values
+    f_adv = np.asarray(adv).astype(np.float64)
+    close(white, np_masked_whiten(f_adv, gae_mask), **tol)
+    close(white_keep, np_masked_whiten(f_adv, gae_mask, shift_mean=False), **tol)
+    w_vl, w_frac = np_value_loss(fv, fvo, frt, gae_mask, 0.25)
+    close(vl, w_vl, **tol)
+    close(clipfrac, w_frac, rtol=0, atol=(2 / gae_mask.sum() if dtype_name == "bfloat16" else 1e-6))
+
+
+def test_float64_in_a_process_with_jax_enable_x64():
+    """With JAX_ENABLE_X64 set for the whole process (NumPy float64 inputs stay float64), every loss runs,
+    under jit too, and returns float64; gae's scan carry follows the inputs."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxalign import losses as L
+assert jax.config.jax_enable_x64
+f64 = jnp.float64
+rng = np.random.default_rng(0)
+B, T = 4, 6
+lp, old, ref, vals, rews = (-rng.uniform(0.1, 3, (B, T)) for _ in range(5))
+mask = (np.arange(T)[None] < np.array([6, 3, 1, 0])[:, None])
+adv_seq = L.group_advantages(rng.normal(size=8), 4)
+outs = {"group_advantages": adv_seq,
+        "rloo": L.group_advantages(rng.normal(size=8), 4, estimator="rloo"),
+        "reinforce++": L.group_advantages(rng.normal(size=8), 4, estimator="reinforce++"),
+        "gae": L.gae(rews, vals, mask)[0], "gae_jit": jax.jit(L.gae)(rews, vals, mask)[1],
+        "whiten": L.whiten(vals, mask),
+        "policy_loss": L.policy_loss(lp, old, adv_seq[:B], mask, ref_logps=ref, kl_coef=0.1)[0],
+        "policy_loss_jit": jax.jit(L.policy_loss)(lp, old, adv_seq[:B], mask)[0],
+        "value_loss": L.value_loss(vals, old, rews, mask)[0],
+        "sft": L.sft_loss(lp, mask)[0]}
+s = lambda *a: [x.sum(-1) for x in a]
+cw, cl, rw, rl = s(lp, old, ref, vals)
+n = mask.sum(-1) + 1
+pref = {"dpo": L.dpo_loss(cw, cl, rw, rl), "dpo_ipo": L.dpo_loss(cw, cl, rw, rl, loss_type="ipo",
+                                                                  chosen_lengths=n, rejected_lengths=n),
+        "dpo_jit": jax.jit(L.dpo_loss)(cw, cl, rw, rl),
+        "simpo": L.simpo_loss(cw / n, cl / n), "cpo": L.cpo_loss(cw, cl, -cw / n),
+        "orpo": L.orpo_loss(cw / n, cl / n, -cw / n),
+        "kto": L.kto_loss(cw, rw, np.array([1, 0, 1, 0], bool), L.kto_kl(cl, rl)),
+        "reward": L.reward_loss(cw, cl)}
+for name, (loss, metrics) in pref.items():
+    outs[name] = loss
+    outs.update({f"{name}:{k}": v for k, v in metrics.items()})
+bad = {k: str(v.dtype) for k, v in outs.items() if v.dtype != f64 or not np.all(np.isfinite(v))}
+assert not bad, bad
+print("ok", len(outs))
+"""
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]

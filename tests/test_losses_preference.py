@@ -1,8 +1,11 @@
 """Reward and preference losses (reward model, the DPO family, SimPO, CPO, ORPO, KTO) against independent
-float64 NumPy re-implementations of the formulas in ../shared/REFERENCE.md §2.1-2.6 (TRL's code).
+float64 NumPy re-implementations of the formulas of TRL's RewardTrainer, DPOTrainer, CPOTrainer,
+ORPOTrainer and KTOTrainer.
 
 The references below import nothing from jaxalign: each one is written from the formula. jaxalign runs in
-float32 on float32 inputs; the references see the same float32 values promoted to float64.
+the inputs' dtype; the references see the same values promoted to float64. The per-example forms
+(`*_losses`: per-example losses and metrics) are what the trainers sum; the public `*_loss` is their mean.
+Every function is also checked in float32, bfloat16 (loose tolerance) and float64 (under jax.enable_x64).
 """
 import functools
 
@@ -13,8 +16,9 @@ import numpy as np
 import pytest
 
 from jaxalign.losses import (DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_kl, kto_loss, orpo_loss, reward_loss,
-                             simpo_loss)
+                             reward_losses, simpo_loss)
 from jaxalign.losses import preference as P
+from tests.test_losses import DTYPE_TOL, DTYPES, as_dtype, assert_dtype, in_dtype
 
 B = 7
 SEEDS = [0, 1, 2]
@@ -49,7 +53,7 @@ def np_reward(rc, rr, margin=None, center_coef=None):
 
 
 def np_dpo_per_pair(lw, ll, rw, rl, beta, loss_type, eps=0.0, len_w=None, len_l=None):
-    """Per-pair losses, REFERENCE.md §2.2 table (reverse-KL score s(rho) = rho)."""
+    """Per-pair losses of TRL's DPO loss types (reverse-KL score s(rho) = rho)."""
     lw, ll, rw, rl = f64(lw), f64(ll), f64(rw), f64(rl)
     rho_w, rho_l = lw - rw, ll - rl
     delta = rho_w - rho_l
@@ -237,12 +241,14 @@ def test_dpo_loss_matches_numpy(loss_type, eps, beta, seed):
     lw, ll, rw, rl, len_w, len_l = summed_inputs(seed)
     kw = _dpo_kwargs(loss_type, eps, beta, len_w, len_l)
     loss, metrics = dpo_loss(*j(lw, ll, rw, rl), **kw)
-    per_pair = P.dpo_losses(*j(lw, ll, rw, rl), **kw)
+    per_pair, per_pair_metrics = P.dpo_losses(*j(lw, ll, rw, rl), **kw)
     want = np_dpo_per_pair(lw, ll, rw, rl, beta, loss_type, eps, len_w, len_l)
     assert per_pair.shape == (B,)
     close(per_pair, want)
+    close(P.dpo_type_losses(*j(lw, ll, rw, rl), **kw), want)
     close(loss, want.mean())
     check_metrics(metrics, np_dpo_metrics(lw, ll, rw, rl, beta))
+    assert all(v.shape == (B,) for v in per_pair_metrics.values())
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
@@ -437,7 +443,7 @@ def test_kto_loss_matches_numpy(seed, beta, wd, wu):
     want, want_metrics = np_kto(logps, ref, desirable, want_kl, beta, wd, wu)
     close(loss, want)
     check_metrics(metrics, want_metrics)
-    per = P.kto_losses(*j(logps, ref, desirable), kl, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    per, _ = P.kto_losses(*j(logps, ref, desirable), kl, beta=beta, desirable_weight=wd, undesirable_weight=wu)
     rho = f64(logps) - f64(ref)
     close(per, np.where(desirable, wd * (1 - np_sig(beta * (rho - want_kl))),
                         wu * (1 - np_sig(beta * (want_kl - rho)))))
@@ -557,3 +563,134 @@ def test_losses_jit_and_finite_on_extreme_inputs(name, fn, args):
     grads = jax.jit(jax.grad(lambda *a: fn(*a)[0], argnums=tuple(range(len(args)))))(*args)
     for i, g in enumerate(grads):
         assert np.all(np.isfinite(np.asarray(g))), (name, i)
+
+
+# ------------------------------------------------------------------------ DPO: weighted loss-type lists
+
+def test_dpo_weighted_list_with_sft_matches_numpy():
+    """loss_type as a weighted list (TRL's loss_type list with loss_weights), "sft" the chosen completion's
+    mean token NLL, plus sft_coef times that NLL (RPO)."""
+    lw, ll, rw, rl, len_w, len_l = summed_inputs(6)
+    kw = dict(beta=0.2, chosen_lengths=jnp.asarray(len_w), rejected_lengths=jnp.asarray(len_l))
+    mix = [("sigmoid", 0.6), ("ipo", 0.3), ("sft", 0.1)]
+    per_pair, metrics = P.dpo_losses(*j(lw, ll, rw, rl), loss_type=mix, sft_coef=0.05, **kw)
+    nll = -f64(lw) / len_w
+    want = (0.6 * np_dpo_per_pair(lw, ll, rw, rl, 0.2, "sigmoid") + 0.3 * np_dpo_per_pair(
+        lw, ll, rw, rl, 0.2, "ipo", len_w=len_w, len_l=len_l) + 0.1 * nll + 0.05 * nll)
+    close(per_pair, want)
+    loss, mean_metrics = dpo_loss(*j(lw, ll, rw, rl), loss_type=mix, sft_coef=0.05, **kw)
+    close(loss, want.mean())
+    check_metrics(mean_metrics, np_dpo_metrics(lw, ll, rw, rl, 0.2))
+    # a one-entry list of weight 1 is the plain loss type
+    close(P.dpo_losses(*j(lw, ll, rw, rl), loss_type=[("hinge", 1.0)], **kw)[0],
+          np_dpo_per_pair(lw, ll, rw, rl, 0.2, "hinge"))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        P.dpo_losses(*j(lw, ll, rw, rl), loss_type=[("sft", 1.0)])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(*j(lw, ll, rw, rl), sft_coef=0.1)
+    with pytest.raises(ValueError, match="loss_type"):
+        P.dpo_losses(*j(lw, ll, rw, rl), loss_type=[("sigmoid", 0.5), ("bogus", 0.5)])
+
+
+def test_per_example_forms_return_per_example_metrics():
+    """Each `*_losses` gives [B] losses and per-example metrics; the public `*_loss` is their mean."""
+    lw, ll, rw, rl, len_w, _ = summed_inputs(2)
+    aw, al = avg_inputs(2)
+    logps, ref, desirable, _, _ = kto_inputs(2)
+    nll = (-f64(lw) / len_w).astype(np.float32)
+    cases = [(P.dpo_losses, dpo_loss, j(lw, ll, rw, rl)), (P.simpo_losses, simpo_loss, j(aw, al)),
+             (P.cpo_losses, cpo_loss, j(lw, ll, nll)), (P.orpo_losses, orpo_loss, j(aw, al, -aw)),
+             (P.kto_losses, kto_loss, j(logps, ref, desirable) + [jnp.float32(0.2)]),
+             (reward_losses, reward_loss, j(lw / 10, ll / 10))]
+    for per_example, public, args in cases:
+        losses, metrics = per_example(*args)
+        assert losses.shape == (B,), per_example.__name__
+        loss, means = public(*args)
+        close(loss, float(np.mean(np.asarray(losses, np.float64))), err_msg=per_example.__name__)
+        assert set(means) == set(metrics), per_example.__name__
+        for k, v in metrics.items():
+            if isinstance(v, tuple):
+                values, mask = (np.asarray(x, np.float64) for x in v)
+                want = (values * mask).sum() / max(mask.sum(), 1)
+            else:
+                want = np.mean(np.asarray(v, np.float64))
+            close(means[k], want, err_msg=f"{per_example.__name__} {k}")
+
+
+# ------------------------------------------------------------------------------------- dtypes
+
+ACCURACIES = ("accuracy", "rewards/accuracies")
+
+
+def _reward_case(dtype):
+    rng = np.random.default_rng(0)
+    raw = (rng.normal(0.5, 2.0, B), rng.normal(-0.5, 2.0, B), rng.uniform(0, 2, B))
+    (rc, rr, m), (f_rc, f_rr, f_m) = as_dtype(dtype, *(x.astype(np.float32) for x in raw))
+    return reward_loss(rc, rr, m, 0.01), np_reward(f_rc, f_rr, f_m, 0.01)
+
+
+def _dpo_case(loss_type, eps):
+    def case(dtype):
+        lw, ll, rw, rl, len_w, len_l = summed_inputs(0)
+        (a, b, c, d, nw, nl), (fa, fb, fc, fd, _, _) = as_dtype(dtype, lw, ll, rw, rl, len_w, len_l)
+        kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=eps)
+        if loss_type in LENGTH_NORMALISED:
+            kw.update(chosen_lengths=nw, rejected_lengths=nl)
+        want = np_dpo_per_pair(fa, fb, fc, fd, 0.1, loss_type, eps, len_w, len_l).mean()
+        return dpo_loss(a, b, c, d, **kw), (want, np_dpo_metrics(fa, fb, fc, fd, 0.1))
+    return case
+
+
+def _dpo_mix_case(dtype):
+    lw, ll, rw, rl, len_w, len_l = summed_inputs(1)
+    (a, b, c, d, nw, nl), (fa, fb, fc, fd, _, _) = as_dtype(dtype, lw, ll, rw, rl, len_w, len_l)
+    got = dpo_loss(a, b, c, d, beta=0.1, loss_type=[("sigmoid", 0.7), ("hinge", 0.2), ("sft", 0.1)],
+                   chosen_lengths=nw, rejected_lengths=nl, sft_coef=0.05)
+    want = (0.7 * np_dpo_per_pair(fa, fb, fc, fd, 0.1, "sigmoid") + 0.2 * np_dpo_per_pair(fa, fb, fc, fd, 0.1, "hinge")
+            + 0.15 * (-fa / len_w))
+    return got, (want.mean(), np_dpo_metrics(fa, fb, fc, fd, 0.1))
+
+
+def _simpo_case(dtype):
+    (aw, al), (fw, fl) = as_dtype(dtype, *avg_inputs(0))
+    return simpo_loss(aw, al, beta=2.0, gamma=0.5, label_smoothing=0.1), np_simpo(fw, fl, 2.0, 0.5, 0.1)
+
+
+def _cpo_case(dtype):
+    lw, ll, _, _, len_w, _ = summed_inputs(1)
+    (a, b, nll), (fa, fb, fnll) = as_dtype(dtype, lw, ll, (-f64(lw) / len_w).astype(np.float32))
+    return cpo_loss(a, b, nll, beta=0.1, alpha=1.0), np_cpo(fa, fb, fnll, 0.1, 1.0)
+
+
+def _orpo_case(dtype):
+    (aw, al), (fw, fl) = as_dtype(dtype, *avg_inputs(1))
+    return orpo_loss(aw, al, -aw, lam=0.1), np_orpo(fw, fl, -fw, 0.1)
+
+
+def _kto_case(dtype):
+    logps, ref, desirable, kl_logps, kl_ref = kto_inputs(0)
+    (a, b, d, ka, kb), (fa, fb, _, fka, fkb) = as_dtype(dtype, logps, ref, desirable, kl_logps, kl_ref)
+    kl = kto_kl(ka, kb)
+    assert kl.dtype == dtype and kto_kl(ka, kb, jnp.ones(B, dtype)).dtype == dtype
+    return (kto_loss(a, b, d, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.33),
+            np_kto(fa, fb, desirable, np_kto_kl(fka, fkb), 0.1, 1.0, 1.33))
+
+
+DTYPE_CASES = ([("reward", _reward_case)] + [(f"dpo-{t}-{e}", _dpo_case(t, e)) for t, e in DPO_CASES]
+               + [("dpo-mix", _dpo_mix_case), ("simpo", _simpo_case), ("cpo", _cpo_case), ("orpo", _orpo_case),
+                  ("kto", _kto_case)])
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name,case", DTYPE_CASES, ids=[c[0] for c in DTYPE_CASES])
+def test_losses_in_each_dtype(name, case, dtype_name):
+    """Loss and every metric in the inputs' dtype, matching the float64 reference on the same (rounded)
+    values. In bfloat16 a comparison near a tie may flip: accuracies may be off by one pair (1/B)."""
+    with in_dtype(dtype_name) as dtype:
+        (loss, metrics), (want, want_metrics) = case(dtype)
+        assert_dtype(dtype, loss=loss, **{k.replace("/", "_"): v for k, v in metrics.items()})
+    tol = DTYPE_TOL[dtype_name]
+    close(loss, want, **tol)
+    for k, v in want_metrics.items():
+        atol = tol["atol"] + (1 / B if dtype_name == "bfloat16" and k in ACCURACIES else 0)
+        close(metrics[k], v, rtol=tol["rtol"], atol=atol, err_msg=k)

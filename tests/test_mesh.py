@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxalign.models as models
+from jaxalign import loading
 from jaxalign.models.presets import get_preset
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel.mesh import logical_to_spec, make_mesh, param_shardings, shard_batch
@@ -94,7 +95,7 @@ def test_same_logits_on_every_mesh(family, hf_model_dir):
     ids, mask = batch_of_8()
     outs = {}
     for shape in MESH_SHAPES:
-        lm = models.from_pretrained(path, mesh=mesh_for(shape), log=lambda *a: None)
+        lm = loading.from_pretrained(path, mesh=mesh_for(shape), log=lambda *a: None)
         out = lm(ids, mask)
         assert out.shape == (8, 12, 128)
         outs[shape] = np.asarray(out)
@@ -115,7 +116,7 @@ def test_from_config_params_follow_param_shardings():
     shape = (1, 4, 2)
     cfg = get_preset("tiny").replace(tie_word_embeddings=False, num_labels=1, qkv_bias=True)
     mesh = make_mesh(shape)
-    lm = models.from_config(cfg, mesh)
+    lm = loading.from_config(cfg, mesh)
     _, abstract = models.abstract_params(cfg)
     expected = jax.tree.leaves(param_shardings(abstract, mesh))
     actual = jax.tree.leaves(lm.pure_params())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-import jaxalign.models as models
+from jaxalign import loading
 from jaxalign.models import KVCache, ModelConfig
 from tests import hf_models
 
@@ -38,7 +38,7 @@ def load(path, **kw):
     """from_pretrained, once per (directory, options) for the whole module (loading is not free)."""
     key = (path, tuple(sorted(kw.items())))
     if key not in _LMS:
-        _LMS[key] = models.from_pretrained(path, log=lambda *a: None, **kw)
+        _LMS[key] = loading.from_pretrained(path, log=lambda *a: None, **kw)
     return _LMS[key]
 
 
@@ -346,7 +346,7 @@ def test_splash_attention_matches_xla(family, mesh_shape, hf_model_dir):
     results = {}
     for impl in ("xla", "splash"):
         mesh = make_mesh(mesh_shape, devices)
-        lm = models.from_pretrained(path, mesh=mesh, attention_impl=impl, log=lambda *a: None)
+        lm = loading.from_pretrained(path, mesh=mesh, attention_impl=impl, log=lambda *a: None)
         assert lm.config.attention_impl == impl
         batch = shard_batch({"ids": ids, "mask": mask, "seg": seg}, mesh)
         with jax.set_mesh(mesh):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxalign.train import get_task
+from jaxalign.train.registry import get_task
 from jaxalign.train.loop import read_metrics, train
 from tests.tokenizers_util import make_tokenizer, write_jsonl
 
@@ -189,17 +189,17 @@ def test_recipe_arithmetic_fits_the_hardware_it_names():
     from jaxalign.train.memory import estimate
     GiB = 2 ** 30
     sft = load_config(os.path.join(ROOT, "configs", "llama3_8b_sft.py"))
-    e = estimate(sft, get_preset("llama3_8b", dtype="bfloat16", param_dtype="float32", remat="dots"), 16)
+    e = estimate(sft, get_preset("llama3_8b", dtype="bfloat16", param_dtype="float32", remat="dots"), 16, get_task("sft"))
     assert e["num_params"] == 8_030_261_248 and round(e["params"] / GiB, 1) == 1.9
     assert 21 * GiB < e["total"] < 23 * GiB < 80 * GiB
     dpo70 = load_config(os.path.join(ROOT, "configs", "llama3_70b_dpo.py"))
-    e = estimate(dpo70, get_preset("llama3_70b", dtype="bfloat16", param_dtype="float32", remat="full"), 64)
+    e = estimate(dpo70, get_preset("llama3_70b", dtype="bfloat16", param_dtype="float32", remat="full"), 64, get_task("dpo"))
     assert round(e["reference"] / GiB, 1) == 4.1 and 25 * GiB < e["total"] < 27 * GiB < 95 * GiB
     from jaxalign import lora
     llama8b = get_preset("llama3_8b", dtype="bfloat16", param_dtype="float32", remat="full")
     for base_dtype, base, total in (("bfloat16", 14.96, 18.1), ("int8", 8.46, 11.6)):
         cfg = load_config(os.path.join(ROOT, "configs", "llama3_8b_dpo_lora.py"), [f"lora.base_dtype={base_dtype}"])
-        e = estimate(cfg, lora.adapted_config(llama8b, lora.spec(cfg)), 1)
+        e = estimate(cfg, lora.adapted_config(llama8b, lora.spec(cfg)), 1, get_task("dpo"))
         assert round(e["base"] / GiB, 2) == base and round(e["total"] / GiB, 1) == total and e["reference"] == 0
 
 

@@ -8,7 +8,7 @@ import pytest
 from jaxalign import JaxalignError
 from jaxalign.config import apply_overrides, base_config
 from jaxalign.plot import plot_run
-from jaxalign.train import get_task
+from jaxalign.train.registry import get_task
 from jaxalign.train.loop import read_metrics, train
 from tests.tokenizers_util import make_tokenizer
 
@@ -63,3 +63,16 @@ def test_resume_on_another_mesh(sort_data, tmp_path):
     b = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "b")}
     assert sorted(a) == sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], atol=1e-5, rtol=0)
+
+
+def test_plot_skips_the_time_column(tmp_path, monkeypatch):
+    """metrics.jsonl lines carry `time` (wall-clock seconds): a field of the line, not a curve."""
+    import matplotlib.axes
+    rows = [{"step": s, "time": 1.7e9 + s, "loss": 3.0 / s, "lr": 1e-3} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: (titles.append(t),
+                                                                                    set_title(ax, t, *a, **k))[1])
+    plot_run(str(tmp_path))
+    assert titles == ["loss"]

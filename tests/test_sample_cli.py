@@ -2,11 +2,12 @@
 rows match the sampler on the rendered prompts, records' extra fields are kept, a killed run (a torn last
 line) resumes to exactly the uninterrupted output, bad input names its file and line."""
 import json
+import re
 
 import numpy as np
 import pytest
 
-from jaxalign import JaxalignError, cli, models, sampling
+from jaxalign import JaxalignError, cli, loading, sampling
 from jaxalign.data import templates
 from jaxalign.models import ModelConfig
 from jaxalign.sampling import batch
@@ -28,7 +29,7 @@ def model_dir(tmp_path_factory):
                       num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.5)
     out = str(d / "model")
-    models.from_config(cfg, seed=3).save(out, tokenizer_dir=tok_dir)
+    loading.from_config(cfg, seed=3).save(out, tokenizer_dir=tok_dir)
     return out
 
 
@@ -85,14 +86,27 @@ def test_cli_sample_and_chat(model_dir, prompts_file, tmp_path, capsys):
     cli.main(["sample", "--model", model_dir, "--prompts", prompts_file, "--out", out, "--max-new-tokens", "4",
               "--temperature", "0", "--batch-size", "2"])
     assert len(read(out)) == len(PROMPTS)
-    assert f"wrote {len(PROMPTS)} rows" in capsys.readouterr().out
+    assert re.search(rf"wrote {len(PROMPTS)} rows .* \(\d+ tokens, [\d.]+ tok/s\)", capsys.readouterr().out)
 
     said = []
     history = batch.chat(model_dir, lines=["Hello there", "/reset", "Name a color.", "/exit", "never read"],
                          write=said.append, max_new_tokens=4, temperature=0.0, system="Be brief.")
-    assert said[1] == "(history cleared)" and len(said) == 3
+    assert said[2] == "(history cleared)" and len(said) == 5  # each reply, then its tokens and speed
+    assert all(re.fullmatch(r"\([1-4] tokens, [\d.]+ tok/s\)", said[i]) for i in (1, 4)), said
     assert [m["role"] for m in history] == ["system", "user", "assistant"]
     assert history[1]["content"] == "Name a color."
+
+
+def test_batch_is_sized_to_the_rows_and_tokens_are_counted(model_dir, prompts_file, tmp_path, monkeypatch):
+    assert [batch.batch_rows(32, n) for n in (0, 1, 5, 32, 40)] == [1, 1, 5, 32, 32]
+    shapes, generate = [], batch.generate
+    monkeypatch.setattr(batch, "generate", lambda lm, ids, *a, **k: shapes.append(ids.shape[0]) or
+                        generate(lm, ids, *a, **k))
+    out = str(tmp_path / "out.jsonl")
+    n = batch.predict_file(model_dir, prompts_file, out, batch_size=32, num_samples=2, progress=False,
+                           log=lambda *a: None, **GEN)
+    assert n == 2 * len(PROMPTS) and shapes == [2 * len(PROMPTS)]  # 10 rows in one batch of 10, not 32
+    assert n.tokens == sum(r["num_tokens"] for r in read(out)) > 0 and n.tokens_per_sec > 0
 
 
 def test_bad_input_names_file_and_line(model_dir, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxalign import JaxalignError, models, sampling
+from jaxalign import JaxalignError, loading, sampling
 from jaxalign.parallel.mesh import make_mesh
 from jaxalign.sampling import sampler
 from jaxalign.sampling.sampler import (SampleOutput, SamplingParams, apply_repetition_penalty,
@@ -77,7 +77,7 @@ def lm_of(hf_model_dir):
             if mesh_shape is not None:
                 devices = jax.devices()[:1] if mesh_shape == (1, 1, 1) else None
                 mesh = make_mesh(mesh_shape, devices)
-            cache[key] = models.from_pretrained(hf_model_dir(family), mesh=mesh, log=lambda *a: None)
+            cache[key] = loading.from_pretrained(hf_model_dir(family), mesh=mesh, log=lambda *a: None)
         return cache[key]
     return get
 

@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import JaxalignError, checkpoint, models
+from jaxalign import JaxalignError, checkpoint, loading
 from jaxalign.config import load_config
 from jaxalign.data import pipeline
-from jaxalign.train.loop import NonFiniteError, Task, read_metrics, train
+from jaxalign.train.hooks import NonFiniteError
+from jaxalign.train.loop import read_metrics, train
+from jaxalign.train.task import Task
 from jaxalign.train.sft import TASK as SFT, sft_loss
 from tests.configs_util import tiny_config
 from tests.tokenizers_util import make_tokenizer, write_jsonl
@@ -147,14 +149,14 @@ def test_run_dir_layout(base):
 def test_initial_params_helper_matches_zero_step_run(base, assets, tmp_path):
     from jaxalign.data import templates
     from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.train import loop
+    from jaxalign.train import run as run_lib
     cfg = make_cfg(assets, tmp_path)
     tok = templates.load_tokenizer(cfg.tokenizer.path)
     mesh = mesh_lib.make_mesh(cfg.mesh.shape)
     rules = mesh_lib.normalize_rules(cfg.mesh.rules)
-    model_cfg = loop.model_config(cfg, tok)
+    model_cfg = run_lib.model_config(cfg, tok)
     assert model_cfg.vocab_size == -(-len(tok) // 64) * 64 and model_cfg.vocab_size >= len(tok)
-    assert_params_close(loop.initial_params(cfg, model_cfg, mesh, rules), base["init"], atol=0)
+    assert_params_close(run_lib.initial_params(cfg, model_cfg, mesh, rules), base["init"], atol=0)
 
 
 # ------------------------------------------------------------------------------ 2. kill and resume
@@ -262,7 +264,7 @@ def test_kill_and_resume_matches_uninterrupted_run(assets, tmp_path):
     # Only the steps after the checkpoint were re-run: the lines up to it are the killed process's own
     # (throughput figures included); the final parameters agree too.
     assert read_metrics(killed)[:saved] == kept and len(kept) == saved
-    a, b = models.from_pretrained(str(killed)), models.from_pretrained(str(straight))
+    a, b = loading.from_pretrained(str(killed)), loading.from_pretrained(str(straight))
     assert_params_close(a.pure_params(), b.pure_params(), atol=1e-6)
 
 
@@ -270,7 +272,9 @@ def test_kill_and_resume_matches_uninterrupted_run(assets, tmp_path):
 
 @pytest.mark.parametrize("micro", [4, 2])
 def test_accumulation_matches_one_big_batch(base, assets, tmp_path, micro):
-    result = train(make_cfg(assets, tmp_path, f"train.micro_batch_size={micro}"), SFT, log=quiet)
+    # a micro-batch must split over the data-parallel devices (preflight.check_batch_divides): fsdp = micro
+    shape = f"mesh.shape=(1,{micro},{8 // micro})"
+    result = train(make_cfg(assets, tmp_path, f"train.micro_batch_size={micro}", shape), SFT, log=quiet)
     np.testing.assert_allclose(losses(tmp_path), losses(base["run_dir"]), atol=1e-5, rtol=0)
     assert_params_close(result.params, base["result"].params, atol=1e-5)
 
@@ -310,7 +314,7 @@ def poisoned_loss(model, batch, rng, cfg, aux=None):
     return loss_sum * jnp.mean(batch["poison"]), denom, metrics
 
 
-POISONED = Task("sft", poisoned_loss)
+POISONED = Task("sft", "sft", poisoned_loss)
 
 
 def test_nan_step_is_skipped_and_the_run_continues(assets, tmp_path, monkeypatch):
@@ -433,7 +437,7 @@ def test_export_hf_loads_in_transformers(base, tmp_path):
     hf_dir = os.path.join(run_dir, "hf")
     assert os.path.isfile(os.path.join(hf_dir, "config.json"))
     assert os.path.isfile(os.path.join(hf_dir, "tokenizer.json"))
-    lm = models.from_pretrained(run_dir)  # a run directory: its latest checkpoint
+    lm = loading.from_pretrained(run_dir)  # a run directory: its latest checkpoint
     assert_params_close(lm.pure_params(), base["result"].params, atol=0)
     ids = np.random.default_rng(0).integers(3, 300, size=(2, 16)).astype(np.int32)
     ours = np.asarray(lm(ids))
@@ -486,13 +490,13 @@ def test_eval_metrics_logged(base):
             assert key in m and np.isfinite(m[key]), key
         assert 0.0 <= m["eval/token_accuracy"] <= 1.0 and 0.0 <= m["eval/exact_match"] <= 1.0
     assert ev[1]["eval/loss"] < ev[0]["eval/loss"]
-    assert base["result"].eval_metrics == {k: v for k, v in ev[1].items() if k != "step"}
+    assert base["result"].eval_metrics == {k: v for k, v in ev[1].items() if k not in ("step", "time")}
 
 
 def test_eval_metrics_match_numpy(base, assets):
     """eval/* at the last step against a NumPy computation over all 20 eval rows from the final params
     (the last, partial batch must count its real rows only)."""
-    data = pipeline.prepare_from_config(base["cfg"], "eval", log=quiet)
+    data = pipeline.prepare_from_config(base["cfg"], "eval", log=quiet, kind="sft")
     rows = [data.dataset[i] for i in range(len(data))]
     assert len(rows) == 20
     T = 32
@@ -502,7 +506,7 @@ def test_eval_metrics_match_numpy(base, assets):
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n], att[i, :n], cm[i, :n] = r["input_ids"], 1, r["completion_mask"]
-    lm = models.from_pretrained(base["run_dir"])
+    lm = loading.from_pretrained(base["run_dir"])
     logits = np.asarray(lm(ids, att), np.float64)[:, :-1]
     z = logits - logits.max(-1, keepdims=True)
     logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -527,7 +531,7 @@ def test_packing_trains(assets, tmp_path):
     assert np.mean(ls[-3:]) < 0.75 * np.mean(ls[:3]), ls
     assert result.metrics["tokens_per_sec"] > 0
     # Two conversations per 64-token row: 64 examples -> 32 rows.
-    data = pipeline.prepare_from_config(cfg, "train", log=quiet)
+    data = pipeline.prepare_from_config(cfg, "train", log=quiet, kind="sft")
     it = pipeline.Batches(data, 8, packing=True, shuffle=False)
     assert len(it.units(0)) == 32
     batch = next(it)
@@ -538,11 +542,11 @@ def test_packed_loss_equals_sum_of_unpacked(assets):
     """The SFT task on packed rows gives the same loss sum, token count and accuracy as on the same
     conversations unpacked (no attention or prediction across segment boundaries)."""
     cfg = make_cfg(assets, "/nonexistent", "data.max_length=64")
-    data = pipeline.prepare_from_config(cfg, "train", log=quiet)
+    data = pipeline.prepare_from_config(cfg, "train", log=quiet, kind="sft")
     from jaxalign.data import templates
-    from jaxalign.train import loop
-    model_cfg = loop.model_config(cfg, templates.load_tokenizer(cfg.tokenizer.path))
-    lm = models.from_config(model_cfg, seed=1)
+    from jaxalign.train import run as run_lib
+    model_cfg = run_lib.model_config(cfg, templates.load_tokenizer(cfg.tokenizer.path))
+    lm = loading.from_config(model_cfg, seed=1)
 
     @jax.jit
     def task_loss(params, batch):
@@ -564,7 +568,7 @@ def test_packed_loss_equals_sum_of_unpacked(assets):
 
 def test_host_rows_counts_every_sequence_the_step_runs():
     """The FLOPs/MFU numerator counts sequences: chosen + rejected for pairs, all generations for RL."""
-    from jaxalign.train.loop import host_rows
+    from jaxalign.train.hooks import host_rows
     z = lambda n: np.zeros((n, 4), np.int32)
     assert host_rows({"input_ids": z(8), "attention_mask": z(8), "weight": np.ones(8)}) == 8
     assert host_rows({"chosen_input_ids": z(8), "rejected_input_ids": z(8), "margin": np.ones(8)}) == 16

@@ -6,8 +6,11 @@ uninterrupted one; num_iterations > 1 reuses generations with their old log-prob
 import numpy as np
 import pytest
 
+from jaxalign.data import templates
+
 from jaxalign import JaxalignError
-from jaxalign.train import get_task, loop
+from jaxalign.train import run as run_lib
+from jaxalign.train.registry import get_task
 from jaxalign.train.loop import read_metrics, train
 from tests.configs_util import tiny_config
 from tests.tokenizers_util import make_tokenizer, write_jsonl
@@ -55,8 +58,8 @@ def test_reward_rises_and_every_parameter_moves(base, assets):
     first, last = np.mean([m["reward"] for m in ms[:3]]), np.mean([m["reward"] for m in ms[-3:]])
     assert last > first + 0.05, [round(m["reward"], 3) for m in ms]
     cfg = make_cfg(assets, base["run_dir"])
-    start = loop.initial_params(cfg, base["result"].model_config, base["result"].mesh,
-                                tuple(map(tuple, loop.mesh_lib.DEFAULT_RULES)))
+    start = run_lib.initial_params(cfg, base["result"].model_config, base["result"].mesh,
+                                tuple(map(tuple, run_lib.mesh_lib.DEFAULT_RULES)))
     import jax
     for (path, a), b in zip(jax.tree.leaves_with_path(start), jax.tree.leaves(base["result"].params)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0, jax.tree_util.keystr(path)
@@ -74,29 +77,18 @@ def test_kl_to_the_reference_starts_at_zero(assets, tmp_path):
 
 
 def test_extra_fields_reach_the_reward_and_the_advantages(assets, tmp_path):
-    from jaxalign.data import pipeline, templates
-    from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.train import grpo
-
     cfg = make_cfg(assets, tmp_path, "grpo.reward_funcs=tests.grpo_rewards:e_fraction,tests.grpo_rewards:answer_length",
                    "grpo.reward_weights=1.0,0.5", "grpo.scale_rewards=none")
+    host, out, metrics = first_rollout(assets, cfg)
     tok = templates.load_tokenizer(assets["tokenizer"])
-    data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
-    model_cfg = loop.model_config(cfg, tok)
-    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
-    params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
-    from jaxalign import models
-    graphdef = models.abstract_params(model_cfg)[0]
-    ro = grpo.Rollout(cfg, model_cfg, graphdef, mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
-    host = next(pipeline.Batches(data, 4, shuffle=False))
-    out = ro.rollout(host, params, 0)
     G = 4
     lengths = np.repeat([len(e["answer"]) for e in host["extra"]], G)
-    np.testing.assert_allclose(out["metric/rewards/answer_length"], lengths)
+    assert metrics["rewards/answer_length"] == pytest.approx(lengths.mean())
     texts = [tok.decode(ids[m > 0], skip_special_tokens=True) for ids, m in zip(out["input_ids"], out["completion_mask"])]
     e = np.asarray([t.count("e") / max(len(t), 1) for t in texts])
     total = e + 0.5 * lengths
-    np.testing.assert_allclose(out["metric/reward"], total, atol=1e-6)
+    assert metrics["reward"] == pytest.approx(total.mean(), abs=1e-6)
+    assert metrics["reward_std"] == pytest.approx(total.std(), abs=1e-6)
     # Dr. GRPO advantages: reward minus its group's mean (the answer term is constant within a group)
     np.testing.assert_allclose(out["advantages"], (total.reshape(-1, G) - total.reshape(-1, G).mean(1, keepdims=True)).reshape(-1), atol=1e-5)
     assert np.abs(out["advantages"]).max() > 0
@@ -108,25 +100,20 @@ def test_unscorable_completions_get_zero_advantage(assets, tmp_path):
 
 
 def first_rollout(assets, cfg):
-    """The GRPO rollout of the first 4 training prompts from the config's starting parameters."""
-    from jaxalign import models
-    from jaxalign.data import pipeline, templates
-    from jaxalign.parallel import mesh as mesh_lib
+    """(host batch, rollout batch, rollout metrics) of the GRPO rollout of the first 4 training prompts from the
+    config's starting parameters."""
+    from jaxalign.data import pipeline
     from jaxalign.train import grpo
-    tok = templates.load_tokenizer(assets["tokenizer"])
-    data = pipeline.prepare_from_config(cfg, "train", tok, log=quiet)
-    model_cfg = loop.model_config(cfg, tok)
-    mesh = mesh_lib.make_mesh(cfg.mesh.shape)
-    params = loop.initial_params(cfg, model_cfg, mesh, mesh_lib.DEFAULT_RULES)
-    ro = grpo.Rollout(cfg, model_cfg, models.abstract_params(model_cfg)[0], mesh, mesh_lib.DEFAULT_RULES, tok, quiet)
-    return ro.rollout(next(pipeline.Batches(data, 4, shuffle=False)), params, 0)
+    run = run_lib.build(cfg, GRPO, log=quiet)
+    host = next(pipeline.Batches(run.train_data, 4, shuffle=False))
+    return (host, *grpo.Rollout(run).rollout(host, run.initial_params(), 0))
 
 
 def test_unscorable_rows_in_a_scored_group_get_zero_advantage(assets, tmp_path):
     """Odd completions cannot be scored: their advantage is exactly 0 while their scored group mates' is not
     (group centring alone would give them a nonzero one)."""
     cfg = make_cfg(assets, tmp_path, "grpo.reward_funcs=tests.grpo_rewards:half_scorable", "grpo.scale_rewards=none")
-    out = first_rollout(assets, cfg)
+    _, out, _ = first_rollout(assets, cfg)
     adv = out["advantages"]
     assert np.all(adv[1::2] == 0) and np.abs(adv[0::2]).max() > 0
 
@@ -140,8 +127,11 @@ def test_accumulation_and_mesh_do_not_change_the_numbers(base, assets, tmp_path,
 
 @pytest.mark.parametrize("aggregation", ["seq_mean", "dr_grpo"])
 def test_other_aggregations_are_invariant_to_accumulation(assets, tmp_path, aggregation):
-    _, a = run(assets, tmp_path / "a", "train.steps=3", f"grpo.aggregation={aggregation}")
-    _, b = run(assets, tmp_path / "b", "train.steps=3", f"grpo.aggregation={aggregation}", "train.micro_batch_size=1")
+    # micro-batches of 1 prompt x 4 generations split over 4 data-parallel devices (preflight.check_batch_divides)
+    mesh = "mesh.shape=(1,4,2)"
+    _, a = run(assets, tmp_path / "a", "train.steps=3", f"grpo.aggregation={aggregation}", mesh)
+    _, b = run(assets, tmp_path / "b", "train.steps=3", f"grpo.aggregation={aggregation}", mesh,
+               "train.micro_batch_size=1")
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], atol=2e-6)
 
 
@@ -177,20 +167,26 @@ def test_reward_model_scores_the_rows(assets, tmp_path):
     """grpo.reward_model: a frozen RM's normalised score of each (left-padded) row joins the functions'
     rewards with its weight; checked against the RM loaded on its own."""
     import jax.numpy as jnp
-    from jaxalign import models
+    from jaxalign import loading
     from jaxalign.train.reward import rewards
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Yes?", "chosen": "Yes.", "rejected": "No."}] * 8)
     rm_cfg = make_cfg(assets, tmp_path / "rm", "task=rm", f"data.train_files={pairs}", "train.steps=2",
-                      "rm.normalize_reward=true")
+                      "rm.normalize_reward=true", "train.batch_size=8")  # pairs: one per device
     train(rm_cfg, get_task("rm"), log=quiet)
-    cfg = make_cfg(assets, tmp_path / "g", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_model_weight=0.5")
-    out = first_rollout(assets, cfg)
-    rm = models.from_pretrained(str(tmp_path / "rm"))
+    cfg = make_cfg(assets, tmp_path / "g", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_model_weight=0.5",
+                   "grpo.scale_rewards=none")
+    _, out, metrics = first_rollout(assets, cfg)
+    rm = loading.from_pretrained(str(tmp_path / "rm"))
     assert rm.config.reward_std != 1.0  # the stored normalisation is applied
     want = np.asarray(rewards(rm.module(), {k: jnp.asarray(out[k]) for k in ("input_ids", "attention_mask")}))
-    np.testing.assert_allclose(out["metric/rewards/reward_model"], want, atol=1e-5)
-    np.testing.assert_allclose(out["metric/reward"], out["metric/rewards/e_fraction"] + 0.5 * want, atol=1e-5)
+    assert metrics["rewards/reward_model"] == pytest.approx(want.mean(), abs=1e-5)
+    tok = templates.load_tokenizer(assets["tokenizer"])
+    texts = [tok.decode(ids[m > 0], skip_special_tokens=True) for ids, m in zip(out["input_ids"], out["completion_mask"])]
+    total = np.asarray([t.count("e") / max(len(t), 1) for t in texts]) + 0.5 * want
+    assert metrics["reward"] == pytest.approx(total.mean(), abs=1e-5)
+    # each row's reward (functions + weighted RM score) shows in its Dr. GRPO advantage
+    np.testing.assert_allclose(out["advantages"], (total.reshape(-1, 4) - total.reshape(-1, 4).mean(1, keepdims=True)).reshape(-1), atol=1e-5)
     cfg_only = make_cfg(assets, tmp_path / "g2", f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_funcs=",
                         "train.steps=2")
     train(cfg_only, GRPO, log=quiet)  # a reward model alone is enough
@@ -211,10 +207,10 @@ def test_eval_scores_greedy_completions_of_the_held_out_prompts(assets, tmp_path
     tok = templates.load_tokenizer(assets["tokenizer"])
     renderer = templates.Renderer(tok)
     prompts = [renderer.prompt(formats.normalize(r, "prompt")["prompt"], r.where) for r in formats.read_records(held_out)]
-    start = loop.initial_params(make_cfg(assets, tmp_path / "run"), result.model_config, result.mesh,
-                                loop.mesh_lib.DEFAULT_RULES)
-    from jaxalign import models
-    lm = models.LM(result.model_config, result.graphdef, start, result.mesh)
+    start = run_lib.initial_params(make_cfg(assets, tmp_path / "run"), result.model_config, result.mesh,
+                                run_lib.mesh_lib.DEFAULT_RULES)
+    from jaxalign import loading
+    lm = loading.LM(result.model_config, result.graphdef, start, result.mesh)
     ids, mask = sampling.left_pad(prompts, tok.pad_token_id)
     out = sampling.generate(lm, ids, mask, max_new_tokens=8, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
     texts = [tok.decode(c, skip_special_tokens=True) for c in sampling.completions(out)]

@@ -4,14 +4,16 @@ moves every actor and critic parameter; the first update has ratio 1 and zero KL
 score lands on the last real completion token; a jaxalign RM run and its HF export score alike; a resumed
 run continues the same episodes; a PPO run directory loads as its policy."""
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import JaxalignError, models
-from jaxalign.train import get_task, loop
+from jaxalign import JaxalignError, loading
+from jaxalign.train import run as run_lib
+from jaxalign.train.registry import get_task
 from jaxalign.train.loop import read_metrics, train
 from jaxalign.train.ppo import shape_rewards
 from jaxalign.train.reward import last_index
@@ -46,8 +48,9 @@ def quiet(*_):
 
 
 def base(assets, run_dir, task, train_files="", *overrides, **fields):
+    # batch 4: a mesh with 4 data-parallel devices (preflight.check_batch_divides refuses a batch it would replicate)
     return tiny_config(task, run_dir, assets["tokenizer"], train_files, assets["cache"], *overrides, optim__lr=1e-2,
-                       train__batch_size=4, checkpoint__async_save=False, **fields)
+                       train__batch_size=4, mesh__shape=(1, 4, 2), checkpoint__async_save=False, **fields)
 
 
 def make_cfg(assets, run_dir, *overrides):
@@ -86,9 +89,9 @@ def test_one_episode_moves_actor_and_critic(reference, assets):
     result, ms = reference["result"], reference["metrics"]
     assert len(ms) == STEPS and all(np.isfinite(m["loss"]) for m in ms)
     cfg = make_cfg(assets, reference["run_dir"])
-    specs = get_task("ppo").models(cfg, result.model_config)
+    specs = get_task("ppo").models(types.SimpleNamespace(cfg=cfg, model_cfg=result.model_config))
     for name, (mc, src) in specs.items():
-        start = loop.initial_params(cfg, mc, result.mesh, loop.mesh_lib.DEFAULT_RULES, source=src)
+        start = run_lib.initial_params(cfg, mc, result.mesh, run_lib.mesh_lib.DEFAULT_RULES, source=src)
         for (path, a), b in zip(jax.tree.leaves_with_path(start), jax.tree.leaves(result.params[name])):
             assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0, (name, jax.tree_util.keystr(path))
     for k in ("policy_loss", "value_loss", "clip_ratio", "approx_kl", "entropy", "score", "reward", "kl",
@@ -127,7 +130,7 @@ def test_resume_continues_the_same_episodes(reference, assets, tmp_path):
 
 
 def test_run_directory_loads_as_the_policy(reference):
-    lm = models.from_pretrained(reference["run_dir"])
+    lm = loading.from_pretrained(reference["run_dir"])
     assert lm.config.lm_head and not lm.config.num_labels
     got = jax.tree.leaves(lm.pure_params())
     want = jax.tree.leaves(reference["result"].params["actor"])
@@ -137,10 +140,11 @@ def test_run_directory_loads_as_the_policy(reference):
 def test_ptx_term_is_exact_under_accumulation(assets, tmp_path):
     """ptx adds ptx_coef x the SFT token mean: the rescaling by global token counts (pre_step) makes the loss
     the same for any micro-batch split."""
-    ptx = (f"ppo.ptx_files={assets['sft']}", "ppo.ptx_coef=0.5", "train.steps=2")
+    # micro-batches of 2 split over 2 data-parallel devices (preflight.check_batch_divides)
+    ptx = (f"ppo.ptx_files={assets['sft']}", "ppo.ptx_coef=0.5", "train.steps=2", "mesh.shape=(1,2,4)")
     _, a = run(assets, tmp_path / "a", *ptx)
-    _, b = run(assets, tmp_path / "b", *ptx, "train.micro_batch_size=1")
-    _, plain = run(assets, tmp_path / "c", "train.steps=2")
+    _, b = run(assets, tmp_path / "b", *ptx, "train.micro_batch_size=2")
+    _, plain = run(assets, tmp_path / "c", "train.steps=2", "mesh.shape=(1,2,4)")
     assert all(m["ptx_loss"] > 0 for m in a)
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], atol=1e-5)
     # the first step's loss is the plain PPO loss plus 0.5 x the ptx token mean
@@ -182,8 +186,8 @@ def test_reward_functions_without_a_reward_model(assets, tmp_path):
     prompts = [renderer.prompt(formats.normalize(r, "prompt")["prompt"], r.where)
                for r in formats.read_records(assets["prompts"])]
     cfg = make_cfg(assets, tmp_path / "run", "ppo.reward_model=", f"ppo.reward_funcs={fn}:chars")
-    start = loop.initial_params(cfg, result.model_config, result.mesh, loop.mesh_lib.DEFAULT_RULES)
-    lm = models.LM(result.model_config, result.graphdef["actor"], start, result.mesh)
+    start = run_lib.initial_params(cfg, result.model_config, result.mesh, run_lib.mesh_lib.DEFAULT_RULES)
+    lm = loading.LM(result.model_config, result.graphdef["actor"], start, result.mesh)
     ids, mask = sampling.left_pad(prompts, tok.pad_token_id)
     out = sampling.generate(lm, ids, mask, max_new_tokens=8, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
     texts = [tok.decode(c, skip_special_tokens=True) for c in sampling.completions(out)]

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import JaxalignError, models
+from jaxalign import JaxalignError, loading
 from jaxalign.data import pipeline, templates
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.train import get_task, loop
+from jaxalign.train import run as run_lib
+from jaxalign.train.registry import get_task
 from jaxalign.train.loop import read_metrics, train
 from jaxalign.train.preference import parse_loss_types
 from jaxalign.train.reward import last_token_scores
@@ -107,9 +108,9 @@ def leaves(params):
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(params)}
 
 
-def run(assets, run_dir, task, *overrides):
+def run(assets, run_dir, task, *overrides, log=quiet):
     cfg = make_cfg(assets, run_dir, task, *overrides)
-    result = train(cfg, get_task(task), log=quiet)
+    result = train(cfg, get_task(task), log=log)
     return {"cfg": cfg, "result": result, "run_dir": str(run_dir), "losses": losses(run_dir),
             "metrics": step_metrics(run_dir)}
 
@@ -128,10 +129,17 @@ def runs(assets, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def precomputed(assets, tmp_path_factory):
+    """DPO with the reference precomputed, SHORT steps: 40 rows of 32, so every row (a full precompute)."""
+    return run(assets, tmp_path_factory.mktemp("run-dpo-pre"), "dpo", f"train.steps={SHORT}",
+               "dpo.precompute_ref_logps=true")
+
+
 def initial_params(r):
     """The parameters the run started from (what the loop initialises for this config and mesh)."""
     result = r["result"]
-    return loop.initial_params(r["cfg"], result.model_config, result.mesh,
+    return run_lib.initial_params(r["cfg"], result.model_config, result.mesh,
                                mesh_lib.normalize_rules(r["cfg"].mesh.rules))
 
 
@@ -182,9 +190,9 @@ def test_kto_starts_at_half_the_weight(runs):
 
 # ---------------------------------------------------------------------------- 2. reference and metrics
 
-def test_dpo_precomputed_reference_matches_on_the_fly(runs, assets, tmp_path):
+def test_dpo_precomputed_reference_matches_on_the_fly(runs, precomputed):
     on_the_fly = runs("dpo")
-    pre = run(assets, tmp_path, "dpo", f"train.steps={SHORT}", "dpo.precompute_ref_logps=true")
+    pre = precomputed
     np.testing.assert_allclose(pre["losses"], on_the_fly["losses"][:SHORT], atol=1e-5, rtol=0)
     assert pre["losses"][0] == pytest.approx(LN2, abs=1e-5)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -261,7 +269,9 @@ def test_dpo_unknown_loss_type_is_an_error(assets, tmp_path):
 @pytest.mark.parametrize("micro", [4, 2])
 def test_dpo_accumulation_matches_one_big_batch(runs, assets, tmp_path, micro):
     base = runs("dpo")
-    r = run(assets, tmp_path, "dpo", f"train.steps={SHORT}", f"train.micro_batch_size={micro}")
+    # a micro-batch must split over the data-parallel devices (preflight.check_batch_divides): fsdp = micro
+    r = run(assets, tmp_path, "dpo", f"train.steps={SHORT}", f"train.micro_batch_size={micro}",
+            f"mesh.shape=(1,{micro},{8 // micro})")
     np.testing.assert_allclose(r["losses"], base["losses"][:SHORT], atol=1e-5, rtol=0)
     for k in ("rewards/margins", "logps/chosen"):
         np.testing.assert_allclose([m[k] for m in r["metrics"]], [m[k] for m in base["metrics"][:SHORT]],
@@ -272,7 +282,7 @@ def test_kto_accumulation_matches_one_big_batch(runs, assets, tmp_path):
     """DESIGN §3: results do not change with micro-batch size. KTO's KL reference point is a mean over the
     batch (TRL: gathered over every rank), so it too must span the whole global batch."""
     base = runs("kto")
-    r = run(assets, tmp_path, "kto", f"train.steps={SHORT}", "train.micro_batch_size=4")
+    r = run(assets, tmp_path, "kto", f"train.steps={SHORT}", "train.micro_batch_size=4", "mesh.shape=(1,4,2)")
     assert r["losses"][0] == pytest.approx(0.5, abs=1e-5)  # KL = 0 at the start: no difference yet
     np.testing.assert_allclose(r["losses"], base["losses"][:SHORT], atol=1e-5, rtol=0)
     np.testing.assert_allclose([m["kl"] for m in r["metrics"]], [m["kl"] for m in base["metrics"][:SHORT]],
@@ -327,7 +337,7 @@ def test_rm_export_hf_scores_match(runs, assets):
     with torch.no_grad():
         hf_scores = model.eval()(input_ids=torch.as_tensor(ids, dtype=torch.long),
                                  attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits[:, 0].numpy()
-    lm = models.from_pretrained(run_dir)  # the run directory: its last checkpoint
+    lm = loading.from_pretrained(run_dir)  # the run directory: its last checkpoint
     ours = np.asarray(last_token_scores(lm.module(), {"input_ids": jnp.asarray(ids),
                                                       "attention_mask": jnp.asarray(mask)}))
     assert ours.shape == (len(seqs),)
@@ -339,7 +349,7 @@ def test_rm_export_hf_scores_match(runs, assets):
 
 def test_rm_margins_reach_the_batch_and_the_loss(runs, assets, tmp_path):
     cfg = make_cfg(assets, tmp_path, "rm", f"train.steps={SHORT}", "data.train_files=" + assets["margin"])
-    data = pipeline.prepare_from_config(cfg, "train", log=quiet)
+    data = pipeline.prepare_from_config(cfg, "train", log=quiet, kind="preference")
     with open(assets["margin"]) as f:
         want = [json.loads(line)["margin"] for line in f]
     assert len(data) == len(want) == 32
@@ -368,13 +378,13 @@ def test_rm_reward_normalisation_stored_and_applied(assets, tmp_path):
     assert "rewards/chosen_std" in last and "rewards/rejected_std" in last and last["rewards/chosen_std"] >= 0
     assert not any(k.endswith("_sq") for k in last)
 
-    lm = models.from_pretrained(r["run_dir"])
+    lm = loading.from_pretrained(r["run_dir"])
     assert lm.config.reward_std != 1.0 and lm.config.reward_mean != 0.0
     hf = config_from_hf(os.path.join(r["run_dir"], "hf"))
     assert (hf.reward_mean, hf.reward_std) == (lm.config.reward_mean, lm.config.reward_std)
 
     # Independently: the raw scores of every chosen and rejected row of the set (no eval set: the train set)
-    data = pipeline.prepare_from_config(r["cfg"], "train", log=quiet)
+    data = pipeline.prepare_from_config(r["cfg"], "train", log=quiet, kind="preference")
     batch = next(pipeline.Batches(data, len(data), shuffle=False, epochs=1))
     rows = {k: jnp.asarray(v) for k, v in stack_pairs(batch).items()}
     raw = np.asarray(last_token_scores(lm.module(), rows))
@@ -383,3 +393,164 @@ def test_rm_reward_normalisation_stored_and_applied(assets, tmp_path):
     np.testing.assert_allclose(lm.config.reward_std, raw.std(), rtol=1e-3)
     normed = np.asarray(rewards(lm.module(), rows))
     np.testing.assert_allclose(normed, (raw - raw.mean()) / raw.std(), atol=1e-3)
+
+
+# ------------------------------------------------- 8. the precomputed reference: what the run reads, cached
+
+def cached_ref(run_dir, name="train"):
+    with np.load(os.path.join(run_dir, "ref_logps", f"{name}.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture
+def ref_calls(monkeypatch):
+    """The example indices handed to each reference forward pass (reference.reference_logps)."""
+    from jaxalign.train import reference
+    calls, real = [], reference.reference_logps
+
+    def counting(graphdef, ref, data, rows, *a, **k):
+        calls.append(np.asarray(rows).copy())
+        return real(graphdef, ref, data, rows, *a, **k)
+    monkeypatch.setattr(reference, "reference_logps", counting)
+    return calls
+
+
+def test_precompute_visits_match_the_iterator(assets, tmp_path):
+    """Batches.visits(n) is the set of examples the next n batches read: shuffled epochs and their rollover,
+    a weighted mix, a restored position, an eval pass (with its filled last batch)."""
+    cfg = make_cfg(assets, tmp_path, "dpo", f"data.train_files={assets['pref']}:0.5,{assets['margin']}:2")
+    data = pipeline.prepare_from_config(cfg, "train", log=quiet, kind="preference")
+
+    def read(it, n):
+        return np.unique(np.concatenate([next(it)["index"] for _ in range(n)]))
+
+    for n in (1, 3, 10, 17):
+        it = pipeline.Batches(data, 8, seed=3)
+        np.testing.assert_array_equal(it.visits(n), read(pipeline.Batches(data, 8, seed=3), n))
+        assert it.state() == {"epoch": 0, "position": 0}
+    it = pipeline.Batches(data, 8, seed=3)
+    it.restore({"epoch": 1, "position": 9})
+    want = pipeline.Batches(data, 8, seed=3)
+    want.restore(it.state())
+    np.testing.assert_array_equal(it.visits(4), read(want, 4))
+    plain = pipeline.prepare_from_config(make_cfg(assets, tmp_path, "dpo"), "train", log=quiet, kind="preference")
+    for d in (data, plain):
+        once = lambda: pipeline.Batches(d, 6, shuffle=False, epochs=1, drop_last=False)
+        every = np.concatenate([b["index"] for b in once()])
+        assert (every == -1).any()  # the filled last batch
+        np.testing.assert_array_equal(once().visits(10 ** 6), np.unique(every[every >= 0]))
+        np.testing.assert_array_equal(once().visits(2), read(once(), 2))
+    np.testing.assert_array_equal(pipeline.Batches(plain, 6, shuffle=False, epochs=1).visits(2), np.arange(12))
+
+
+def test_dpo_precompute_computes_only_visited_rows_and_trains_like_a_full_one(assets, tmp_path, precomputed,
+                                                                              ref_calls):
+    """2 steps of 8 read 16 of the 32 pairs: only those get a reference forward, the others stay NaN and no
+    step reads one; the losses and the computed values are bit-identical to a full precompute's. Eval with
+    train.eval_batches=1 reads the eval set's first batch: only those 8 rows."""
+    part = run(assets, tmp_path, "dpo", "train.steps=2", "dpo.precompute_ref_logps=true",
+               f"data.eval_files={assets['margin']}", "train.eval_batches=1", "train.eval_every=2")
+    data = pipeline.prepare_from_config(part["cfg"], "train", log=quiet, kind="preference")
+    visited = pipeline.Batches(data, 8, seed=part["cfg"].seed).visits(2)
+    assert len(ref_calls) == 2 and len(visited) == 16
+    np.testing.assert_array_equal(ref_calls[0], visited)
+    np.testing.assert_array_equal(ref_calls[1], np.arange(8))
+    assert np.flatnonzero(cached_ref(part["run_dir"], "eval")["computed"]).tolist() == list(range(8))
+    ev = part["result"].eval_metrics
+    assert ev and all(np.isfinite(v) for v in ev.values()), ev
+    c, full = cached_ref(part["run_dir"]), cached_ref(precomputed["run_dir"])
+    assert full["computed"].all() and np.isfinite(full["chosen"]).all()
+    np.testing.assert_array_equal(np.flatnonzero(c["computed"]), visited)
+    assert np.isnan(c["chosen"][~c["computed"]]).all() and np.isnan(c["rejected"][~c["computed"]]).all()
+    for k in ("chosen", "rejected"):
+        np.testing.assert_array_equal(c[k][visited], full[k][visited], err_msg=k)
+    assert all(m["nonfinite"] == 0.0 for m in part["metrics"])
+    np.testing.assert_array_equal(part["losses"], precomputed["losses"][:2])
+    for k in ("rewards/margins", "logps/chosen"):
+        assert [m[k] for m in part["metrics"]] == [m[k] for m in precomputed["metrics"][:2]], k
+
+
+def test_dpo_batch_never_reads_a_reference_not_precomputed():
+    from jaxalign.train.reference import check_reference_rows
+    nan = np.float32("nan")
+    host = {"weight": np.asarray([1, 1, 0], np.float32), "index": np.asarray([4, 7, -1]),
+            "ref_chosen_logps": np.asarray([-3, -2, 0], np.float32),
+            "ref_rejected_logps": np.asarray([-1, -2, 0], np.float32)}
+    assert check_reference_rows(None, host) is host
+    assert check_reference_rows(None, {**host, "ref_chosen_logps": np.asarray([-3, -2, nan])}) is not None
+    with pytest.raises(JaxalignError, match=r"examples \[7\]"):
+        check_reference_rows(None, {**host, "ref_rejected_logps": np.asarray([-1, nan, 0], np.float32)})
+
+
+def test_dpo_resumed_run_loads_the_precomputed_reference(assets, tmp_path, ref_calls, capsys):
+    """Resumed from step 1, the run loads run_dir/ref_logps and makes no reference forward; run longer, it
+    computes only the rows the extra step adds (with a progress bar counting pairs)."""
+    import shutil
+
+    pre = ("dpo.precompute_ref_logps=true", "checkpoint.every=1")
+    first = run(assets, tmp_path, "dpo", "train.steps=2", *pre)
+    assert len(ref_calls) == 1 and len(ref_calls[0]) == 16
+    before = cached_ref(first["run_dir"])
+    shutil.rmtree(tmp_path / "checkpoints" / "2")  # as if stopped after step 1
+    lines = []
+    again = run(assets, tmp_path, "dpo", "train.steps=2", *pre, log=lines.append)
+    assert lines[0] == "resuming from step 1"
+    assert any("reference log-probs (train): 16 of 32 examples loaded from" in l for l in lines), lines
+    assert len(ref_calls) == 1  # no reference forward
+    np.testing.assert_allclose(again["losses"], first["losses"], atol=1e-6, rtol=0)
+
+    lines.clear()
+    capsys.readouterr()
+    longer = run(assets, tmp_path, "dpo", "train.steps=3", *pre, "train.progress=true", log=lines.append)
+    err = capsys.readouterr().err
+    assert "reference log-probs (train): 100%" in err and "8/8" in err and "pair" in err, err
+    assert len(ref_calls) == 2 and len(ref_calls[1]) == 8 and not set(ref_calls[1]) & set(ref_calls[0])
+    assert any("precomputed reference log-probs for 8 of 32 examples" in l for l in lines), lines
+    after = cached_ref(longer["run_dir"])
+    assert after["computed"].sum() == 24 and after["key"] == before["key"]
+    np.testing.assert_array_equal(after["chosen"][ref_calls[0]], before["chosen"][ref_calls[0]])
+    assert len(longer["losses"]) == 3 and all(m["nonfinite"] == 0.0 for m in longer["metrics"])
+
+
+def test_dpo_precompute_cache_not_reused_for_other_data(assets, tmp_path, ref_calls):
+    """The same run directory with changed records: the cache's key no longer matches, so it is recomputed."""
+    run(assets, tmp_path, "dpo", "train.steps=1", "dpo.precompute_ref_logps=true")
+    a = cached_ref(tmp_path)
+    other = write_jsonl(tmp_path / "other.jsonl", preference_records(32, 7))
+    lines = []
+    run(assets, tmp_path, "dpo", "train.steps=1", "dpo.precompute_ref_logps=true", f"data.train_files={other}",
+        log=lines.append)
+    assert lines[0] == "resuming from step 1"
+    assert len(ref_calls) == 2, lines
+    assert any("made for other data or another reference" in l for l in lines), lines
+    b = cached_ref(tmp_path)
+    assert a["key"] != b["key"] and b["computed"].sum() == 8 and np.isfinite(b["chosen"][b["computed"]]).all()
+    assert not np.array_equal(a["chosen"][a["computed"]], b["chosen"][b["computed"]])
+
+
+def test_dpo_precompute_reference_identity(assets, tmp_path):
+    """The cache key changes with the reference: its files (size, mtime), the seed of a from-scratch one, the
+    data's cache key."""
+    import types
+    from jaxalign.models.presets import get_preset
+    from jaxalign.train.reference import data_key, reference_identity
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    fake = lambda *o: types.SimpleNamespace(cfg=make_cfg(assets, tmp_path, "dpo", *o), lora_spec=None,
+                                            model_cfg=get_preset("tiny"), mesh=None, rules=())
+    scratch = reference_identity(fake())
+    assert reference_identity(fake()) == scratch != reference_identity(fake("seed=1"))
+    assert reference_identity(fake(), ref_path=str(model)) == reference_identity(fake(f"model.path={model}"))
+    loaded = reference_identity(fake(f"model.path={model}"))
+    (model / "model.safetensors").write_bytes(b"y" * 11)
+    assert reference_identity(fake(f"model.path={model}")) != loaded
+
+    class D:
+        def __init__(self, key):
+            self.cache_path = "/cache/" + key
+
+        def __len__(self):
+            return 32
+    assert data_key(D("abc"), scratch) == data_key(D("abc"), scratch) != data_key(D("abd"), scratch)

@@ -24,6 +24,7 @@ from jaxalign import JaxalignError
 from jaxalign.models import gpt2, llama
 from jaxalign.models.config import ModelConfig
 from jaxalign.parallel.mesh import to_host
+from jaxalign.tree import tree_get, tree_set
 
 FAMILIES = {t: fam for fam in (llama, gpt2) for t in fam.MODEL_TYPES}
 INDEX = "model.safetensors.index.json"
@@ -161,18 +162,6 @@ def _validate(st: SafetensorsDir, specs, hf_dir):
                                 f"the config implies {list(s.shape)}")
     unused = sorted(n for n in st.files if n not in names and not IGNORED.match(n))
     return unused
-
-
-def tree_get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def tree_set(tree, path, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
 
 
 def _put(array: np.ndarray, sharding):

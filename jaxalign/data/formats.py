@@ -1,4 +1,4 @@
-"""Record formats (DESIGN.md §5): reading local files and validating records into normalised examples.
+"""Record formats (docs/DESIGN.md §5): reading local files and validating records into normalised examples.
 
 Every record is read with its location (`file:line` for JSON Lines, `file:row N` otherwise) so that a bad
 record is reported as `data/train.jsonl:17: field 'messages[2].content': expected a string`.

@@ -1,14 +1,16 @@
 """Tokenise, cache and batch datasets.
 
-prepare(): records (formats.py) -> rendered and tokenised rows (templates.py) -> a `datasets` Dataset,
-cached on disk under a key made of the data files' content, the tokenizer files, the chat template and
-the data config; a re-run loads it, any change re-tokenises. What was truncated, dropped or skipped is
-counted and reported.
+prepare(): records (formats.py) -> rendered and tokenised rows (templates.py; per kind: kinds.py) -> a
+`datasets` Dataset, cached on disk under a key made of the data files' content, the tokenizer files, the
+chat template and the data config; a re-run loads it, any change re-tokenises. What was truncated, dropped
+or skipped is counted and reported.
 
-Batches: seeded epochs (per-file sampling weights), optional packing of SFT rows, right padding to a few
-fixed lengths (buckets), left-padded prompts for sampling, a (epoch, position) state that a checkpoint
-stores so a resumed run sees the same batches, and per-host slices of every global batch.
+Batches: seeded epochs (per-file sampling weights), a (epoch, position) state that a checkpoint stores so a
+resumed run sees the same batches, and per-host slices of every global batch, collated by the data's kind
+(kinds.py: optional packing of SFT rows, right padding to a few fixed lengths (buckets), left-padded prompts
+for sampling).
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,12 +18,14 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Optional
 
 import numpy as np
 
 from jaxalign import JaxalignError
 from jaxalign.data import formats, templates
+from jaxalign.data.kinds import KINDS, Source
 
 FORMAT_VERSION = 2  # bump when tokenisation changes, so caches made by older code are not reused
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -49,60 +53,9 @@ class DataSpec:
 
 # --------------------------------------------------------------------------------- tokenisation
 
-def _cut_prompt(ids, spec):
-    limit = spec.max_prompt_length or spec.max_length - 1
-    if len(ids) <= limit:
-        return ids, False
-    return ids[len(ids) - limit:], True  # keep the end: the question sits next to the answer
-
-
 def tokenize(renderer: templates.Renderer, ex: dict, spec: DataSpec) -> dict:
     """One normalised example -> a row of token ids; `truncated` / `dropped` say what the limits did."""
-    where, kind, L = ex["where"], spec.kind, spec.max_length
-    truncated = False
-    if kind == "sft":
-        ids, mask = renderer.conversation(ex["messages"], where)
-        if len(ids) > L:
-            ids, mask, truncated = ids[:L], mask[:L], True
-        return {"input_ids": ids, "completion_mask": mask, "length": len(ids), "truncated": truncated,
-                "dropped": (truncated and spec.truncation == "drop") or not any(mask)}
-    if kind == "prompt":
-        ids = renderer.prompt(ex["prompt"], where)
-        ids, truncated = _cut_prompt(ids, spec)
-        return {"prompt_ids": ids, "length": len(ids), "truncated": truncated,
-                "dropped": truncated and spec.truncation == "drop", "prompt": json.dumps(ex["prompt"]),
-                "extra": ex["extra"]}
-    completions = ("chosen", "rejected") if kind == "preference" else ("completion",)
-    row, prompt_ids = {}, None
-    for name in completions:
-        p, c, _ = renderer.prompt_and_completion(ex["prompt"], ex[name], where)
-        if prompt_ids is not None and p != prompt_ids:
-            raise formats.DataError(f"{where}: chosen and rejected render different prompts")
-        prompt_ids = p
-        row[f"{name}_ids"] = c
-    prompt_ids, truncated = _cut_prompt(prompt_ids, spec)
-    room = L - len(prompt_ids)
-    for name in completions:
-        c = row[f"{name}_ids"]
-        if len(c) > room:
-            row[f"{name}_ids"], truncated = c[:room], True
-    if kind == "preference":
-        row["margin"] = ex["margin"]
-    else:
-        row["label"] = ex["label"]
-    row.update(prompt_ids=prompt_ids, truncated=truncated,
-               dropped=truncated and spec.truncation == "drop",
-               length=len(prompt_ids) + max(len(row[f"{n}_ids"]) for n in completions))
-    return row
-
-
-# The columns of a row that failed to render (counted, then filtered out), so every row has the same schema.
-_EMPTY_ROW = {
-    "sft": {"input_ids": [], "completion_mask": []},
-    "prompt": {"prompt_ids": [], "prompt": "", "extra": ""},
-    "preference": {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": None},
-    "unpaired": {"prompt_ids": [], "completion_ids": [], "label": False},
-}
+    return KINDS[spec.kind].tokenize(renderer, ex, spec)
 
 
 # ------------------------------------------------------------------------------------- caching
@@ -151,9 +104,33 @@ class Prepared:
         return len(self.dataset)
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars ("Map", "Filter", "Saving the dataset ...") inside: jaxalign reports what it
+    did itself. The global switch is restored afterwards, so a caller's own `datasets` use keeps its bars; an
+    explicit HF_DATASETS_DISABLE_PROGRESS_BARS=0 is respected (silently)."""
+    import datasets
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Cannot disable progress bars" (the variable says 0)
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if datasets.are_progress_bars_disabled():
+            datasets.enable_progress_bars()
+
+
 def prepare(files, spec: DataSpec, tokenizer, tokenizer_dir: str, cache_dir: Optional[str] = None,
             num_proc: int = 1, log=print) -> Prepared:
     """Tokenise `files` ([(path, weight)] or a `data.train_files` string), or load them from the cache."""
+    with quiet_datasets():
+        return _prepare(files, spec, tokenizer, tokenizer_dir, cache_dir, num_proc, log)
+
+
+def _prepare(files, spec, tokenizer, tokenizer_dir, cache_dir, num_proc, log) -> Prepared:
     import datasets
 
     files = formats.parse_files(files) if not isinstance(files, list) else files
@@ -182,7 +159,8 @@ def prepare(files, spec: DataSpec, tokenizer, tokenizer_dir: str, cache_dir: Opt
         except formats.DataError as e:
             if spec.on_error == "raise":
                 raise
-            return {**_EMPTY_ROW[spec.kind], "error": str(e), "dropped": True, "truncated": False, "length": 0}
+            return {**KINDS[spec.kind].empty_row(), "error": str(e), "dropped": True, "truncated": False,
+                    "length": 0}
 
     ds = datasets.Dataset.from_list(examples)
     ds = ds.map(fn, num_proc=num_proc if num_proc > 1 else None, desc="tokenizing",
@@ -249,17 +227,6 @@ def pack(lengths, order, max_length: int) -> list:
     return rows
 
 
-def _pad(seqs, length, value, left=False, dtype=np.int32):
-    out = np.full((len(seqs), length), value, dtype)
-    for r, s in enumerate(seqs):
-        if len(s):
-            if left:
-                out[r, length - len(s):] = s
-            else:
-                out[r, :len(s)] = s
-    return out
-
-
 def stack_pairs(batch: dict) -> dict:
     """[chosen; rejected] stacked along the batch dim: one forward pass for both (numpy or jax arrays).
     Done after placement on devices, so the layout is global even when each host loaded its own slice."""
@@ -287,7 +254,7 @@ class Batches:
                  process_index: int = 0, process_count: int = 1):
         if batch_size % process_count:
             raise JaxalignError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-        if packing and data.spec.kind != "sft":
+        if packing and not KINDS[data.spec.kind].packs:
             raise JaxalignError("data.packing applies to SFT data only")
         self.data, self.kind, self.B = data, data.spec.kind, batch_size
         self.seed, self.shuffle, self.packing, self.epochs, self.drop_last = (
@@ -299,6 +266,7 @@ class Batches:
             raise JaxalignError(f"largest bucket {self.buckets[-1]} < max_length {self.max_length}")
         self.rank, self.world = process_index, process_count
         self.lengths = np.asarray(data.dataset["length"])
+        self.source = Source(data.dataset, self.lengths, data.pad_id, self.buckets, packing)
         self.file_ids = np.asarray(data.dataset["file_id"])
         self.epoch, self.position = 0, 0
         self._units_epoch, self._units = None, None
@@ -336,6 +304,25 @@ class Batches:
     def restore(self, state: dict):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def visits(self, n_batches: int) -> np.ndarray:
+        """The example indices (sorted, unique; every process's rows) that the next `n_batches` global batches
+        read from the current state, which is left as it is: what n training steps will see (__next__'s
+        order and epoch rollover)."""
+        seen = np.zeros(len(self.lengths), bool)
+        epoch, position, left = self.epoch, self.position, int(n_batches)
+        while left > 0 and not seen.all():
+            if self.batches_per_epoch(epoch) == 0:  # __next__ raises here
+                break
+            if position >= self.batches_per_epoch(epoch):
+                epoch, position = epoch + 1, 0
+            if self.epochs is not None and epoch >= self.epochs:
+                break
+            take = min(left, self.batches_per_epoch(epoch) - position)
+            units = self.units(epoch)[position * self.B:(position + take) * self.B]
+            seen[[i for u in units for i in u]] = True
+            position, left = position + take, left - take
+        return np.flatnonzero(seen)
+
     def __iter__(self):
         return self
 
@@ -363,73 +350,17 @@ class Batches:
         return batch
 
     # ---- collation
-    def _bucket(self, longest: int) -> int:
-        return next(b for b in self.buckets if b >= longest)
-
-    def _rows(self, col, idx):
-        return [self.data.dataset[int(i)][col] for i in idx]
-
     def collate(self, units, local: slice) -> dict:
-        ds = self.data.dataset
-        pad = self.data.pad_id
-        if self.kind == "sft":
-            T = self._bucket(max(sum(int(self.lengths[i]) for i in u) for u in units) if units else 1)
-            rows = units[local]
-            ids, mask, seg, pos = [], [], [], []
-            for u in rows:
-                r = ds[u] if u else {"input_ids": [], "completion_mask": []}
-                parts_ids = r["input_ids"] if u else []
-                parts_mask = r["completion_mask"] if u else []
-                ids.append([t for p in parts_ids for t in p])
-                mask.append([t for p in parts_mask for t in p])
-                seg.append([s + 1 for s, p in enumerate(parts_ids) for _ in p])
-                pos.append([t for p in parts_ids for t in range(len(p))])
-            out = {"input_ids": _pad(ids, T, pad), "attention_mask": _pad([[1] * len(s) for s in ids], T, 0),
-                   "completion_mask": _pad(mask, T, 0)}
-            if self.packing:
-                out.update(segment_ids=_pad(seg, T, 0), positions=_pad(pos, T, 0))
-            return out
-        flat = [u[0] if u else None for u in units]
-        if self.kind == "prompt":
-            P = self._bucket(max((int(self.lengths[i]) for i in flat if i is not None), default=1))
-            rows = [ds[i] if i is not None else None for i in flat[local]]
-            ids = [r["prompt_ids"] if r else [] for r in rows]
-            return {"input_ids": _pad(ids, P, pad, left=True),
-                    "attention_mask": _pad([[1] * len(s) for s in ids], P, 0, left=True),
-                    "prompt": [json.loads(r["prompt"]) if r else [] for r in rows],
-                    "extra": [json.loads(r["extra"]) if r else {} for r in rows]}
-        names = ("chosen", "rejected") if self.kind == "preference" else ("completion",)
-        glob_rows = [ds[i] if i is not None else None for i in flat]
-        if self.kind == "unpaired":  # KTO's KL point: prompt i with the completion of row i+1 of the batch
-            real = [r for r in glob_rows if r is not None]
-            for j, r in enumerate(real):
-                r["kl_ids"] = real[(j + 1) % len(real)]["completion_ids"][:self.max_length - len(r["prompt_ids"])]
-            names = names + ("kl",)
-        T = self._bucket(max((len(r["prompt_ids"]) + len(r[f"{n}_ids"]) for r in glob_rows if r for n in names),
-                             default=1))
-        rows = glob_rows[local]
-        out = {}
-        for n in names:
-            seqs = [r["prompt_ids"] + r[f"{n}_ids"] if r else [] for r in rows]
-            cmask = [[0] * len(r["prompt_ids"]) + [1] * len(r[f"{n}_ids"]) if r else [] for r in rows]
-            prefix = "" if n == "completion" else f"{n}_"
-            out[f"{prefix}input_ids"] = _pad(seqs, T, pad)
-            out[f"{prefix}attention_mask"] = _pad([[1] * len(s) for s in seqs], T, 0)
-            out[f"{prefix}completion_mask"] = _pad(cmask, T, 0)
-        if self.kind == "preference":
-            out["margin"] = np.asarray([r["margin"] if r and r["margin"] is not None else 0.0 for r in rows],
-                                       np.float32)
-        else:
-            out["label"] = np.asarray([bool(r["label"]) if r else False for r in rows])
-        return out
+        """Rows `local` of the global batch `units` (see kinds.Kind.collate)."""
+        return KINDS[self.kind].collate(units, local, self.source)
 
 
 # ------------------------------------------------------------------------------------- from config
 
-def spec_from_config(cfg) -> DataSpec:
-    from jaxalign.config import DATA_KIND
+def spec_from_config(cfg, kind: str) -> DataSpec:
+    """The DataSpec of a config's data section for records of `kind` (a kinds.KINDS name: the task's)."""
     d = cfg.data
-    return DataSpec(DATA_KIND[cfg.task], max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+    return DataSpec(kind, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                     truncation=d.truncation, on_error=d.on_error)
 
 
@@ -438,8 +369,9 @@ def tokenizer_dir(cfg) -> str:
     return cfg.tokenizer.path or cfg.init_from or cfg.model.path
 
 
-def prepare_from_config(cfg, split: str = "train", tokenizer=None, log=print) -> Optional[Prepared]:
-    """The tokenised `data.train_files` or `data.eval_files` of a config (None when not set)."""
+def prepare_from_config(cfg, split: str = "train", tokenizer=None, log=print, *, kind: str) -> Optional[Prepared]:
+    """The tokenised `data.train_files` or `data.eval_files` of a config (None when not set), as `kind`
+    records (the task's data kind: train.task.Task.data_kind)."""
     files = cfg.data.train_files if split == "train" else cfg.data.eval_files
     if not files:
         return None
@@ -447,5 +379,5 @@ def prepare_from_config(cfg, split: str = "train", tokenizer=None, log=print) ->
     if not tok_dir:
         raise JaxalignError("tokenizer.path (or model.path / init_from) is not set")
     tokenizer = tokenizer or templates.load_tokenizer(tok_dir, cfg.tokenizer.chat_template or None)
-    return prepare(files, spec_from_config(cfg), tokenizer, tok_dir, cfg.data.cache_dir or None,
+    return prepare(files, spec_from_config(cfg, kind), tokenizer, tok_dir, cfg.data.cache_dir or None,
                    cfg.data.num_proc, log)

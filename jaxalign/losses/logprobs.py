@@ -1,4 +1,4 @@
-"""Per-token log-probs from hidden states, in sequence chunks: a full [B, T, V] float32 tensor is never
+"""Per-token log-probs from hidden states, in sequence chunks: a full [B, T, V] logits tensor is never
 materialised, in the forward or (thanks to rematerialisation per chunk) in the backward pass.
 
 Convention (as TRL): logits at t predict token t+1, so callers pass hidden[:, :-1] and targets ids[:, 1:]
@@ -15,7 +15,8 @@ def shift(hidden, input_ids, mask):
 
 def token_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk_size: int = 128,
                    with_stats: bool = False):
-    """log p(targets) [B, T] float32 from hidden [B, T, D] and the output projection head [D, V].
+    """log p(targets) [B, T] from hidden [B, T, D] and the output projection head [D, V], computed in
+    float32 at least (float64 for float64 inputs; bfloat16 logits are upcast).
 
     with_stats also returns {"entropy": [B, T], "correct": [B, T] (argmax == target)}, both without
     gradient."""
@@ -29,7 +30,8 @@ def token_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk_siz
     @jax.checkpoint  # keep only the chunk's inputs for the backward pass, not its [B, c, V] logits
     def one(args):
         h_c, y_c = args
-        logits = (h_c @ head).astype(jnp.float32)
+        logits = h_c @ head
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         if temperature != 1.0:
             logits = logits / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)

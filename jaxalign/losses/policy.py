@@ -1,12 +1,15 @@
-"""Policy-gradient losses for online RL (DESIGN.md §4): advantages (GRPO, RLOO, REINFORCE++ baseline, GAE),
-the clipped surrogate with a k1/k3 KL penalty, the clipped value loss, and the aggregations.
+"""Policy-gradient losses for online RL: advantages (GRPO, RLOO, REINFORCE++ baseline, GAE), the clipped
+surrogate with a k1/k3 KL penalty, the clipped value loss, and the aggregations.
 
-Conventions (REFERENCE.md §2.7-2.10): ratio_t = exp(logp_t - old_logp_t); per-token loss
+Conventions (as TRL's GRPO/RLOO/PPO trainers and OpenRLHF): ratio_t = exp(logp_t - old_logp_t); per-token loss
 l_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + kl_coef * kl_t; k3 kl_t = e^(ref - logp) -
 (ref - logp) - 1, k1 kl_t = logp - ref. Group std is unbiased (Bessel), as TRL and OpenRLHF.
 
-The `*_terms` functions return per-token values and `aggregate` returns (sum, denominator), so the training
-loop can sum over micro-batches and devices and divide once: the global mean whatever the layout.
+The `*_terms` functions return per-token values, `aggregate` returns (sum, denominator) and `policy_loss_sums`
+both with its metrics as (sum, count) pairs, so the training loop can sum over micro-batches and devices and
+divide once: the global mean whatever the layout. policy_loss divides here.
+
+Every output has the inputs' dtype (float32, bfloat16 or float64; masks are cast to the values' dtype).
 """
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,10 @@ def group_advantages(rewards, group_size: int, *, scale: str = "group", estimato
         raise ValueError(f"estimator {estimator!r}: expected one of {ESTIMATORS}")
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r}: expected one of {SCALES}")
-    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    r = jnp.asarray(rewards)
+    if not jnp.issubdtype(r.dtype, jnp.floating):  # integer or boolean verifier rewards
+        r = r.astype(jnp.result_type(float))
+    r = r.reshape(-1, group_size)
     mean = jnp.mean(r, axis=1, keepdims=True)
     if estimator == "rloo":
         if group_size < 2:
@@ -67,7 +73,7 @@ def policy_loss_terms(logps, old_logps, advantages, *, clip_eps: float = 0.2, cl
     ratio = jnp.exp(logps - old_logps)
     clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + hi)
     surrogate = jnp.minimum(ratio * adv, clipped_ratio * adv)
-    clipped = (ratio * adv != surrogate).astype(jnp.float32)
+    clipped = (ratio * adv != surrogate).astype(surrogate.dtype)
     loss = -surrogate
     kl = jnp.zeros_like(logps)
     if ref_logps is not None:
@@ -79,9 +85,9 @@ def policy_loss_terms(logps, old_logps, advantages, *, clip_eps: float = 0.2, cl
 def aggregate(per_token, mask, aggregation: str = "token_mean", max_len=None):
     """(sum, denominator) whose ratio is the aggregated loss: token_mean = sum / tokens; seq_mean = mean
     over sequences of each one's token mean; dr_grpo = sum / (sequences x max_len)."""
-    mask = mask.astype(jnp.float32)
+    mask = mask.astype(per_token.dtype)
     total = jnp.sum(per_token * mask, axis=-1)
-    rows = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
+    rows = (jnp.sum(mask, axis=-1) > 0).astype(per_token.dtype)
     if aggregation == "token_mean":
         return jnp.sum(total), jnp.sum(mask)
     if aggregation == "seq_mean":
@@ -91,21 +97,34 @@ def aggregate(per_token, mask, aggregation: str = "token_mean", max_len=None):
     raise ValueError(f"aggregation {aggregation!r}: expected one of {AGGREGATIONS}")
 
 
-def policy_loss(logps, old_logps, advantages, mask, *, clip_eps: float = 0.2, clip_eps_high=None,
-                ref_logps=None, kl_coef: float = 0.0, kl_estimator: str = "k3", aggregation: str = "token_mean",
-                max_len=None):
-    """The clipped surrogate (+ kl_coef * KL), aggregated over the batch given: (loss, metrics)."""
+def policy_loss_sums(logps, old_logps, advantages, mask, *, clip_eps: float = 0.2, clip_eps_high=None,
+                     ref_logps=None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                     aggregation: str = "token_mean", max_len=None):
+    """(loss sum, denominator, {"kl", "clip_ratio": (sum, token count)}) of the clipped surrogate
+    (+ kl_coef * KL) over [B, T]: what the GRPO trainer adds over micro-batches and devices."""
     loss, clipped, kl = policy_loss_terms(logps, old_logps, advantages, clip_eps=clip_eps,
                                           clip_eps_high=clip_eps_high, ref_logps=ref_logps, kl_coef=kl_coef,
                                           kl_estimator=kl_estimator)
-    s, d = aggregate(loss, mask, aggregation, max_len)
-    n = jnp.maximum(jnp.sum(mask), 1.0)
-    return s / jnp.maximum(d, 1e-9), {"clip_ratio": jnp.sum(clipped * mask) / n, "kl": jnp.sum(kl * mask) / n}
+    total, denom = aggregate(loss, mask, aggregation, max_len)
+    mask = mask.astype(loss.dtype)
+    tokens = jnp.sum(mask)
+    return total, denom, {"kl": (jnp.sum(kl * mask), tokens), "clip_ratio": (jnp.sum(clipped * mask), tokens)}
+
+
+def policy_loss(logps, old_logps, advantages, mask, *, clip_eps: float = 0.2, clip_eps_high=None,
+                ref_logps=None, kl_coef: float = 0.0, kl_estimator: str = "k3", aggregation: str = "token_mean",
+                max_len=None):
+    """The clipped surrogate (+ kl_coef * KL), aggregated over the batch given: (loss, metrics), the ratios
+    of policy_loss_sums."""
+    total, denom, sums = policy_loss_sums(logps, old_logps, advantages, mask, clip_eps=clip_eps,
+                                          clip_eps_high=clip_eps_high, ref_logps=ref_logps, kl_coef=kl_coef,
+                                          kl_estimator=kl_estimator, aggregation=aggregation, max_len=max_len)
+    return total / jnp.maximum(denom, 1e-9), {k: s / jnp.maximum(n, 1) for k, (s, n) in sums.items()}
 
 
 def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     """(x - mean) / sqrt(var + eps) over the masked entries, unbiased variance (TRL's masked_whiten)."""
-    mask = mask.astype(jnp.float32)
+    mask = mask.astype(x.dtype)
     n = jnp.sum(mask)
     mean = jnp.sum(x * mask) / n
     var = jnp.sum(((x - mean) ** 2) * mask) / jnp.maximum(n - 1, 1.0)
@@ -116,8 +135,9 @@ def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
 def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation over [B, T] (PPO): (advantages, returns = advantages + values),
     returns computed before any whitening; positions outside `mask` get 0 and do not bootstrap."""
-    mask = mask.astype(jnp.float32)
-    rewards, values = rewards * mask, values * mask
+    dtype = jnp.result_type(rewards, values)
+    mask = mask.astype(dtype)
+    rewards, values = rewards.astype(dtype) * mask, values.astype(dtype) * mask
 
     def step(carry, xs):
         r, v, v_next, m = xs
@@ -127,7 +147,7 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
 
     v_next = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
     xs = tuple(a.T for a in (rewards, values, v_next, mask))
-    _, adv = jax.lax.scan(step, jnp.zeros(rewards.shape[0], jnp.float32), xs, reverse=True)
+    _, adv = jax.lax.scan(step, jnp.zeros(rewards.shape[0], dtype), xs, reverse=True)
     adv = adv.T
     return adv, (adv + values) * mask
 
@@ -136,12 +156,13 @@ def value_loss_terms(values, old_values, returns, *, clip: float = 0.2):
     """Per-token (0.5 * max((v - R)^2, (clip(v, v_old +- clip) - R)^2), clipped indicator)."""
     v_clipped = jnp.clip(values, old_values - clip, old_values + clip)
     a, b = (values - returns) ** 2, (v_clipped - returns) ** 2
-    return 0.5 * jnp.maximum(a, b), (b > a).astype(jnp.float32)
+    loss = 0.5 * jnp.maximum(a, b)
+    return loss, (b > a).astype(loss.dtype)
 
 
 def value_loss(values, old_values, returns, mask, *, clip: float = 0.2):
     """The clipped value loss as a masked mean: (loss, clipfrac)."""
-    mask = mask.astype(jnp.float32)
     loss, clipped = value_loss_terms(values, old_values, returns, clip=clip)
-    n = jnp.maximum(jnp.sum(mask), 1.0)
+    mask = mask.astype(loss.dtype)
+    n = jnp.maximum(jnp.sum(mask), 1)
     return jnp.sum(loss * mask) / n, jnp.sum(clipped * mask) / n

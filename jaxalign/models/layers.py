@@ -3,6 +3,8 @@
 Parameters live in small NNX modules (containers with logical-axis metadata); the math is plain functions
 over arrays so the layer stack can run under `jax.lax.scan` on a pure dict of stacked weights.
 """
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple, Optional
 
@@ -86,6 +88,24 @@ def _matmul(x, k, contract: int):
     lead, ins, outs = x.shape[:-contract], k.shape[:contract], k.shape[contract:]
     y = x.reshape(-1, math.prod(ins)) @ k.reshape(math.prod(ins), math.prod(outs))
     return y.reshape(*lead, *outs)
+
+
+_LORA_DROPOUT = contextvars.ContextVar("jaxalign_lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(rate: float, key):
+    """LoRA dropout (rate, PRNG key) for the models traced inside this context: the train step's forward only
+    (a context, like the sharding rules, so the model objects stay untouched)."""
+    token = _LORA_DROPOUT.set((rate, key) if rate else None)
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT.reset(token)
+
+
+def current_lora_dropout():
+    return _LORA_DROPOUT.get()
 
 
 def dense(p: dict, x, contract: int = 1):

@@ -15,8 +15,9 @@ from flax import nnx
 
 from jaxalign.models import splash
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import (KVCache, Linear, Norm, apply_rope, attention, cached_attention, dense,
-                                    make_mask, mlp, norm, param, prepare_weights, rope_inv_freq, rope_tables)
+from jaxalign.models.layers import (KVCache, Linear, Norm, apply_rope, attention, cached_attention,
+                                    current_lora_dropout, dense, make_mask, mlp, norm, param, prepare_weights,
+                                    rope_inv_freq, rope_tables)
 from jaxalign.parallel.mesh import constrain
 
 REMAT = {
@@ -102,8 +103,6 @@ class CausalLM(nnx.Module):
             self.lm_head = Linear((D,), (cfg.vocab_size,), ("embed",), ("vocab",), bias=False, dtype=dt,
                                   rngs=rngs, std=cfg.initializer_range,
                                   lora_rank=cfg.lora_rank if "lm_head" in cfg.lora_targets else 0)
-        # (rate, key) while training with LoRA dropout; set by the train step on its own copy of the model.
-        self.lora_dropout = None
         if cfg.num_labels:
             self.score = Linear((D,), (cfg.num_labels,), ("embed",), ("labels",), bias=False, dtype=dt,
                                 rngs=rngs, std=cfg.initializer_range)
@@ -114,8 +113,9 @@ class CausalLM(nnx.Module):
     def _layer_weights(self, p, layer):
         """One layer's weights for compute (inside the scan), with this layer's LoRA dropout key."""
         p = prepare_weights(p, self.config.compute_dtype, self.config.lora_scale)
-        if self.lora_dropout is not None:
-            rate, key = self.lora_dropout
+        dropout = current_lora_dropout()  # (rate, key) inside the train step's layers.lora_dropout context
+        if dropout is not None:
+            rate, key = dropout
             key = jax.random.fold_in(key, layer)
             p = {k: {**v, "lora_dropout": (rate, jax.random.fold_in(key, i))} if "lora_a" in v else v
                  for i, (k, v) in enumerate(sorted(p.items()))}

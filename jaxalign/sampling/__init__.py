@@ -1,4 +1,4 @@
-"""The JAX sampler (DESIGN.md §2): KV-cache generation for rollouts, `jaxalign sample` and chat.
+"""The JAX sampler (docs/DESIGN.md §2): KV-cache generation for rollouts, `jaxalign sample` and chat.
 
     out = jaxalign.sampling.generate(lm, input_ids, attention_mask, max_new_tokens=64, temperature=0.7)
     out.tokens [B, N]  out.lengths [B]  out.stopped_on_eos [B]  out.logprobs [B, N]  out.truncated [B]

@@ -9,12 +9,13 @@ sample), so a resumed file equals an uninterrupted one.
 """
 import json
 import os
+import time
 from typing import Iterable, Optional
 
 import jax
 import numpy as np
 
-from jaxalign import JaxalignError, models
+from jaxalign import JaxalignError, loading
 from jaxalign.data import formats, templates
 from jaxalign.parallel.mesh import make_mesh
 from jaxalign.sampling.sampler import completions, generate, left_pad
@@ -25,7 +26,7 @@ PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this: few c
 def load(model_dir: str, chat_template: Optional[str] = None, mesh_shape=(1, -1, 1), adapter: Optional[str] = None):
     """(lm, tokenizer, renderer) of a model directory (HF, jaxalign, or a training run), with an optional PEFT
     LoRA adapter merged in."""
-    lm = models.from_pretrained(model_dir, mesh=make_mesh(mesh_shape), adapter=adapter)
+    lm = loading.from_pretrained(model_dir, mesh=make_mesh(mesh_shape), adapter=adapter)
     if not lm.config.lm_head:
         raise JaxalignError(f"{model_dir}: a reward/value model (no LM head) cannot generate")
     tok = templates.load_tokenizer(model_dir, chat_template)
@@ -65,10 +66,28 @@ def done_rows(out_path: str) -> set:
     return done
 
 
+class Written(int):
+    """The rows `predict_file` wrote (an int), with the tokens it generated and the seconds that took."""
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def batch_rows(batch_size: int, todo: int) -> int:
+    """The padded batch: --batch-size, or all the rows to do when there are fewer (no compute on padding)."""
+    return max(1, min(batch_size, todo))
+
+
 def predict_file(model_dir: str, prompts_path: str, out_path: str, *, batch_size: int = 32,
                  num_samples: int = 1, chat_template: Optional[str] = None, mesh_shape=(1, -1, 1),
-                 progress: bool = True, log=print, adapter: Optional[str] = None, **gen) -> int:
-    """Generate completions for every prompt record of `prompts_path` into `out_path`; returns rows written."""
+                 progress: bool = True, log=print, adapter: Optional[str] = None, **gen) -> Written:
+    """Generate completions for every prompt record of `prompts_path` into `out_path`; returns rows written
+    (a `Written`: also the tokens generated and the seconds generation took)."""
+    if not os.path.exists(prompts_path):
+        raise JaxalignError(f"{prompts_path}: prompts file not found")
     lm, tok, renderer = load(model_dir, chat_template, mesh_shape, adapter)
     gen = with_tokenizer_eos(gen, renderer)
     todo = []
@@ -87,7 +106,8 @@ def predict_file(model_dir: str, prompts_path: str, out_path: str, *, batch_size
         log(f"{out_path}: {len(done)} rows already there, {len(todo)} to go")
     from tqdm import tqdm
     bar = tqdm(total=len(todo), disable=not progress, unit="row", dynamic_ncols=True)
-    written = 0
+    written, tokens, t0 = 0, 0, time.time()
+    batch_size = batch_rows(batch_size, len(todo))
     with open(out_path, "a") as out:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -103,18 +123,22 @@ def predict_file(model_dir: str, prompts_path: str, out_path: str, *, batch_size
                 row = {**extra, "index": i, "sample": j, "completion": decode(tok, texts[k]),
                        "finish_reason": "stop" if eos[k] else "length", "num_tokens": len(texts[k]) + int(eos[k])}
                 out.write(json.dumps(row) + "\n")
+                tokens += row["num_tokens"]
             out.flush()
             os.fsync(out.fileno())
             written += len(chunk)
             bar.update(len(chunk))
     bar.close()
-    return written
+    result = Written(written)
+    result.tokens, result.seconds = tokens, time.time() - t0
+    return result
 
 
 def chat(model_dir: str, *, system: Optional[str] = None, chat_template: Optional[str] = None,
          mesh_shape=(1, -1, 1), lines: Optional[Iterable[str]] = None, write=print, seed: int = 0,
          adapter: Optional[str] = None, **gen):
-    """A terminal chat: each line is a user turn (`/reset` clears the history, `/exit` or EOF ends)."""
+    """A terminal chat: each line is a user turn (`/reset` clears the history, `/exit` or EOF ends); each reply
+    is followed by a line "(N tokens, R tok/s)" (R counts compilation on the first turn and on new lengths)."""
     lm, tok, renderer = load(model_dir, chat_template, mesh_shape, adapter)
     gen = with_tokenizer_eos(gen, renderer)
     history = [{"role": "system", "content": system}] if system else []
@@ -135,10 +159,15 @@ def chat(model_dir: str, *, system: Optional[str] = None, chat_template: Optiona
         history.append({"role": "user", "content": text})
         ids = renderer.prompt(history, "chat")
         ids_np, mask = left_pad([ids], renderer.pad_id, PROMPT_BUCKET)
+        t0 = time.time()
         res = generate(lm, ids_np, mask, seed=seed + turn, **gen)
-        reply = decode(tok, completions(res)[0]).strip()
+        new = completions(res)[0]
+        seconds = time.time() - t0
+        n = len(new) + int(np.asarray(jax.device_get(res.stopped_on_eos))[0])
+        reply = decode(tok, new).strip()
         history.append({"role": "assistant", "content": reply})
         write(reply)
+        write(f"({n} tokens, {n / seconds if seconds > 0 else 0.0:.1f} tok/s)")
         turn += 1
     return history
 

@@ -1,5 +1,5 @@
 """KV-cache generation in one compiled program: prefill, then a `lax.while_loop` of decode steps that stops
-as soon as every row has stopped (DESIGN.md §2, sampler API).
+as soon as every row has stopped.
 
 Prompts are left-padded (every row's next token goes to the same cache slot). The cache is allocated inside
 the program, sized prompt + max_new_tokens, batch sharded over data x fsdp and kv heads over model, using the
@@ -228,7 +228,7 @@ def generate(lm, input_ids, attention_mask=None, *, max_new_tokens: int, tempera
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              no_repeat_ngram_size: int = 0, eos_token_id=None, stop_token_ids: Sequence[int] = (),
              pad_token_id: Optional[int] = None, seed: int = 0, row_ids=None) -> SampleOutput:
-    """Generate from left-padded prompts with a loaded `jaxalign.models.LM` (DESIGN.md §2).
+    """Generate from left-padded prompts with a loaded `jaxalign.loading.LM`.
 
     input_ids, attention_mask: [B, P] (mask default: all ones). `row_ids` [B] (default 0..B-1) key each
     row's randomness: the same (seed, row id, prompt) gives the same sample in any batch.

@@ -4,16 +4,15 @@ compiled on abstract parameters, optimizer state and batch, with XLA's own memor
 fits the device (runtime.device_memory_gib, else the device's own limit). runtime.dry_run_target=h200 compiles
 for that GPU deviceless (jaxalign/parallel/targets.py). Nothing is allocated and no run directory is written."""
 import jax
-from flax import nnx
 
-from jaxalign import JaxalignError, lora, models
 from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import targets
 from jaxalign.train import memory
 from jaxalign.train import state as state_lib
-from jaxalign.train.loop import (load_tokenizer, make_train_step, micro_batching, model_config, split_base_reference,
-                                 state_spec, task_batch)
+from jaxalign.train.hooks import task_batch
+from jaxalign.train.run import build, split_base_reference
+from jaxalign.train.step import make_train_step
 
 
 def dry_run(cfg, task, log=print, devices=None) -> dict:
@@ -21,49 +20,39 @@ def dry_run(cfg, task, log=print, devices=None) -> dict:
     target_memory = 0
     if cfg.runtime.dry_run_target:
         devices, target_memory = targets.devices(cfg.runtime.dry_run_target)
-    _, tokenizer = load_tokenizer(cfg)
-    model_cfg = task.model_config(model_config(cfg, tokenizer), cfg)
-    lora_spec = lora.spec(cfg)
-    if lora_spec:
-        model_cfg = lora.adapted_config(model_cfg, lora_spec)
-    est = memory.estimate(cfg, model_cfg, len(devices) if devices is not None else jax.device_count())
+    run = build(cfg, task, abstract=True, log=log, devices=devices)
+    est = memory.estimate(cfg, run.model_cfg, len(devices) if devices is not None else jax.device_count(), task)
     log(memory.report(est))
     out = {"estimate": est}
-    try:
-        mesh = mesh_lib.make_mesh(cfg.mesh.shape, devices)
-    except mesh_lib.MeshError as e:
-        log(f"compile skipped: {e} (simulate them on CPU with JAX_PLATFORMS=cpu "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    if run.mesh is None:
+        log(f"compile skipped: mesh.shape {tuple(cfg.mesh.shape)} needs more devices than the "
+            f"{len(devices) if devices is not None else jax.device_count()} here (simulate them on CPU with "
+            f"JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=N)")
         return out
-    if task.make_rollout or task.models:
+    if task.rollout or task.models:
         log(f"compile skipped: the dry run compiles offline tasks' train steps only, not {task.name}'s rollouts")
         return out
-    if task.setup and cfg[task.name].get("precompute_ref_logps"):
+    if task.setup and task.section(cfg).get("precompute_ref_logps"):
         log("compile skipped: precomputed reference log-probs need the reference pass (set "
             f"{task.name}.precompute_ref_logps=false to compile the on-the-fly variant)")
         return out
-    rules = mesh_lib.normalize_rules(cfg.mesh.rules)
-    data = pipeline.prepare_from_config(cfg, "train", tokenizer, log=log)
-    if data is None:
-        raise JaxalignError("data.train_files is not set (the dry run compiles for the shape of one real batch)")
-    B, mb = micro_batching(cfg)
-    host = next(pipeline.Batches(data, B, seed=cfg.seed, packing=cfg.data.packing, buckets=cfg.data.buckets,
-                                 process_index=jax.process_index(), process_count=jax.process_count()))
-    graphdef, params_abs, tx, lr_fn, shardings = state_spec(cfg, task, model_cfg, None, mesh, rules)
-    state = state_lib.abstract_state(tx, params_abs, shardings)
-    frozen = None
-    if lora_spec:  # the frozen base as it will be stored (bf16, or int8 kernels with their scales)
-        dtype = "bfloat16" if lora_spec.base_dtype == "int8" else lora_spec.base_dtype
-        _, base_state = models.abstract_params(model_cfg.without_lora().replace(param_dtype=dtype,
-                                                                               quantized=model_cfg.quantized))
-        frozen = mesh_lib.abstract_with_shardings(
-            nnx.to_pure_dict(base_state), nnx.to_pure_dict(mesh_lib.param_shardings(base_state, mesh, rules)))
-    ref = frozen if frozen is not None else mesh_lib.abstract_with_shardings(params_abs, shardings["params"])
+    mesh, rules = run.mesh, run.rules
+    host = next(pipeline.Batches(run.train_data, run.batch_size, seed=cfg.seed, packing=cfg.data.packing,
+                                 buckets=cfg.data.buckets, process_index=jax.process_index(),
+                                 process_count=jax.process_count()))
+    if task.host_batch is not None:
+        host = task.host_batch(run, host)
+    state = state_lib.abstract_state(run.tx, run.params_abs, run.shardings)
+    frozen = run.frozen  # with LoRA: the frozen base as it will be stored (abstract)
+    ref = frozen if frozen is not None else mesh_lib.abstract_with_shardings(run.params_abs,
+                                                                             run.shardings["params"])
     ref_is_base, aux = split_base_reference({"ref": ref} if task.setup else None, frozen)
-    step = jax.jit(make_train_step(task, graphdef, tx, lr_fn, cfg, B // mb, ref_is_base),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    step = jax.jit(make_train_step(task, run.graphdef, run.tx, run.lr_fn, cfg, run.n_micro, run.compose,
+                                   cfg.lora.dropout if run.lora_spec else 0.0, ref_is_base),
+                   out_shardings=(run.shardings, None), donate_argnums=0)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, mesh_lib.abstract_batch(task_batch(host, task), mesh, rules), aux, frozen).compile()
+        compiled = step.lower(state, mesh_lib.abstract_batch(task_batch(host, task), mesh, rules), aux,
+                              frozen).compile()
     m = compiled.memory_analysis()
     if m is None:
         log("compiled train step (this backend reports no memory analysis)")

@@ -14,9 +14,6 @@ import math
 
 import jax.numpy as jnp
 
-PAIRED = ("rm", "dpo", "simpo", "cpo", "orpo")
-
-
 def _mesh(shape, n_devices: int) -> dict:
     shape = list(shape)
     if -1 in shape:
@@ -25,31 +22,31 @@ def _mesh(shape, n_devices: int) -> dict:
     return dict(zip(("data", "fsdp", "model"), shape))
 
 
-def estimate(cfg, model_cfg, n_devices: int) -> dict:
-    """Bytes per device by kind (params, grads, optimizer, reference, activations, logits chunk, total)."""
+def estimate(cfg, model_cfg, n_devices: int, task) -> dict:
+    """Bytes per device by kind (params, grads, optimizer, reference, activations, logits chunk, total), from
+    the task's memory figures (train/task.py Memory)."""
     mesh = _mesh(cfg.mesh.shape, n_devices)
     shards = mesh["fsdp"] * mesh["model"]
     pbytes = jnp.dtype(model_cfg.param_dtype).itemsize
     cbytes = jnp.dtype(model_cfg.dtype).itemsize
     n = model_cfg.num_params()
     weights = n * pbytes / shards
-    trained = 2 if cfg.task == "ppo" else 1  # PPO trains a critic of about the same size
-    reference = (cfg.task in ("dpo", "kto") and not cfg[cfg.task].precompute_ref_logps) or \
-        (cfg.task == "grpo" and cfg.grpo.beta) or cfg.task == "ppo"
+    figures = task.memory
+    trained = figures.trained_models  # PPO trains a critic of about the same size
+    reference = bool(figures.reference(cfg))
+    frozen = figures.frozen_models * weights  # PPO: the reward model
     if model_cfg.lora_rank:  # LoRA: the adapters are trained; the frozen base is also the reference
         adapters = lora_params(model_cfg) * pbytes / shards * trained
         out = {"base": base_bytes(model_cfg, cfg.lora.base_dtype) / shards, "params": adapters,
                "grads": adapters, "optimizer": 2 * adapters}
-        explicit_ref = cfg[cfg.task].get("ref_path") if cfg.task in ("dpo", "kto", "grpo", "ppo") else ""
-        out["reference"] = (weights if reference and explicit_ref else 0.0) + (weights if cfg.task == "ppo" else 0.0)
+        explicit_ref = task.section(cfg).get("ref_path")
+        out["reference"] = (weights if reference and explicit_ref else 0.0) + frozen
     else:
         out = {"base": 0.0, "params": weights * trained, "grads": weights * trained,
                "optimizer": 2 * weights * trained}
-        out["reference"] = weights * (2 if cfg.task == "ppo" else 1) if reference else 0.0  # PPO: + reward model
+        out["reference"] = (weights if reference else 0.0) + frozen
     mb = cfg.train.micro_batch_size or cfg.train.batch_size
-    rows = mb / (mesh["data"] * mesh["fsdp"]) * (2 if cfg.task in PAIRED else 1)
-    if cfg.task == "grpo":
-        rows *= cfg.grpo.num_generations
+    rows = mb / (mesh["data"] * mesh["fsdp"]) * figures.sequences_per_row(cfg)
     T, D, F, L, V = cfg.data.max_length, model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, \
         model_cfg.vocab_size
     per_token_layer = {"full": D, "dots": 4 * D + 3 * F, "none": 17 * D + 2.5 * model_cfg.num_heads * T}

@@ -1,6 +1,7 @@
 """Metric sinks (metrics.jsonl + TensorBoard event files, process 0 only) and throughput arithmetic."""
 import json
 import os
+import time
 
 import jax
 
@@ -29,7 +30,8 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step; mirrors scalars to TensorBoard. No-op off process 0."""
+    """Appends one JSON line per logged step (`step`, `time`: unix seconds when written, then the metrics);
+    mirrors the metrics to TensorBoard. No-op off process 0."""
 
     def __init__(self, run_dir: str, resume_step=None):
         self.active = jax.process_index() == 0
@@ -53,7 +55,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict):
         if not self.active:
             return
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in metrics.items():

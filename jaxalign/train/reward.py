@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign import JaxalignError, models
 from jaxalign.data.pipeline import stack_pairs
+from jaxalign.losses.reduce import weighted_sums
 from jaxalign.losses.reward import reward_losses
-from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.parallel import multihost
-from jaxalign.train.loop import Task, evaluate, initial_params
+from jaxalign.train.hooks import evaluate
+from jaxalign.train.task import Memory, Task, register
 
 
 def last_token_scores(model, rows):
@@ -32,25 +31,6 @@ def last_index(mask):
     return jnp.where(jnp.any(mask > 0, axis=-1), T - 1 - flipped, 0)
 
 
-class FrozenRewardModel:
-    """A reward model (jaxalign RM or HF *ForSequenceClassification directory) held frozen for online RL:
-    score(rows) gives this process's rows' normalised scores (numpy), one jitted forward per call."""
-
-    def __init__(self, cfg, path: str, model_cfg, mesh, rules, field: str):
-        rm_cfg = models.load_config(path, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
-        if not rm_cfg.num_labels:
-            raise JaxalignError(f"{field} {path}: not a reward model (no scalar head)")
-        graphdef = models.abstract_params(rm_cfg)[0]
-        self.params, self.mesh, self.rules = initial_params(cfg, rm_cfg, mesh, rules, source=path), mesh, rules
-        self._score = jax.jit(lambda p, b: rewards(nnx.merge(graphdef, p), b))
-
-    def score(self, rows):
-        dev = mesh_lib.shard_batch({k: rows[k] for k in ("input_ids", "attention_mask")}, self.mesh, self.rules)
-        with jax.set_mesh(self.mesh):
-            out = self._score(self.params, dev)
-        return multihost.local_rows(mesh_lib.to_host(out), len(rows["input_ids"]))
-
-
 def rewards(model, rows):
     """Rewards of rows (padded on either side), normalised with the model's stored statistics (if any)."""
     cfg = model.config
@@ -63,35 +43,37 @@ def _moments(name, x, w):
 
 
 def rm_loss(model, batch, rng, cfg, aux):
-    r = last_token_scores(model, stack_pairs(batch))
+    scores = last_token_scores(model, stack_pairs(batch))
     B = batch["chosen_input_ids"].shape[0]
-    rc, rr = r[:B], r[B:]
-    losses = reward_losses(rc, rr, batch["margin"], cfg.rm.center_coef or None)
+    chosen_rewards, rejected_rewards = scores[:B], scores[B:]
+    losses, metrics = reward_losses(chosen_rewards, rejected_rewards, batch["margin"], cfg.rm.center_coef or None)
     w = batch["weight"]
-    n = jnp.sum(w)
-    metrics = {"accuracy": (jnp.sum((rc > rr) * w), n), "margin": (jnp.sum((rc - rr) * w), n),
-               **_moments("rewards/chosen", rc, w), **_moments("rewards/rejected", rr, w)}
-    return jnp.sum(losses * w), n, metrics
+    # the per-pair metrics' weighted sums, plus the second moments behind the logged rewards/*_std
+    metrics = {**weighted_sums(metrics, w), **_moments("rewards/chosen", chosen_rewards, w),
+               **_moments("rewards/rejected", rejected_rewards, w)}
+    return jnp.sum(losses * w), jnp.sum(w), metrics
 
 
-def rm_model_config(model_cfg, cfg):
-    return model_cfg.replace(num_labels=1, lm_head=False)
+def rm_model_config(run):
+    return run.model_cfg.replace(num_labels=1, lm_head=False)
 
 
-def rm_finish(cfg, model_cfg, graphdef, params, datasets, mesh, rules, log):
+def rm_finish(run, params):
     """Measure the reward mean/std (rm.normalize_reward) and store them in the model config."""
-    if not cfg.rm.normalize_reward:
-        return model_cfg
-    data = datasets[1] if datasets[1] is not None else datasets[0]
+    if not run.cfg.rm.normalize_reward:
+        return run.model_cfg
+    data = run.eval_data if run.eval_data is not None else run.train_data
 
     def stats(params, batch, aux):
-        r = last_token_scores(nnx.merge(graphdef, params), stack_pairs(batch))
+        r = last_token_scores(nnx.merge(run.graphdef, params), stack_pairs(batch))
         return _moments("reward", r, jnp.concatenate([batch["weight"]] * 2))
 
-    m = evaluate(jax.jit(stats), params, data, cfg, TASK, mesh, rules)
+    m = evaluate(jax.jit(stats), params, data, run)
     mean, std = m["eval/reward"], max(m["eval/reward_std"], 1e-6)
-    log(f"reward normalisation: mean {mean:.4g}, std {std:.4g} (stored in the model config)")
-    return model_cfg.replace(reward_mean=float(mean), reward_std=float(std))
+    run.log(f"reward normalisation: mean {mean:.4g}, std {std:.4g} (stored in the model config)")
+    return run.model_cfg.replace(reward_mean=float(mean), reward_std=float(std))
 
 
-TASK = Task("rm", rm_loss, model_config=rm_model_config, finish=rm_finish)
+TASK = register(Task("rm", "preference", rm_loss, defaults=dict(center_coef=0.0, normalize_reward=False),
+                     memory=Memory(sequences_per_row=lambda cfg: 2), model_config=rm_model_config,
+                     finish=rm_finish))

@@ -5,7 +5,8 @@ rows whose every completion token is the argmax, i.e. rows that greedy decoding 
 import jax.numpy as jnp
 
 from jaxalign.losses.logprobs import shift, token_logprobs
-from jaxalign.train.loop import Task
+from jaxalign.losses.sft import sft_sums
+from jaxalign.train.task import Task, register
 
 
 def completion_logprobs(model, batch, cfg, with_stats=True, temperature: float = 1.0):
@@ -25,16 +26,8 @@ def completion_logprobs(model, batch, cfg, with_stats=True, temperature: float =
 
 
 def sft_loss(model, batch, rng, cfg, aux=None):
-    logp, stats, mask = completion_logprobs(model, batch, cfg)
-    tokens = jnp.sum(mask)
-    row_has = jnp.sum(mask, axis=1) > 0
-    row_exact = jnp.all((stats["correct"] > 0) | (mask == 0), axis=1) & row_has
-    metrics = {
-        "token_accuracy": (jnp.sum(stats["correct"] * mask), tokens),
-        "entropy": (jnp.sum(stats["entropy"] * mask), tokens),
-        "exact_match": (jnp.sum(row_exact), jnp.sum(row_has)),
-    }
-    return -jnp.sum(logp * mask), tokens, metrics
+    token_logps, stats, mask = completion_logprobs(model, batch, cfg)
+    return sft_sums(token_logps, mask, stats)  # (NLL sum, token count, token_accuracy/entropy/exact_match)
 
 
-TASK = Task("sft", sft_loss, batch_keys=None)
+TASK = register(Task("sft", "sft", sft_loss))
