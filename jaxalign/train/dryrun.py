@@ -5,7 +5,6 @@ fits the device (runtime.device_memory_gib, else the device's own limit). runtim
 for that GPU deviceless (jaxalign/parallel/targets.py). Nothing is allocated and no run directory is written."""
 import jax
 
-from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import targets
 from jaxalign.train import memory
@@ -37,9 +36,7 @@ def dry_run(cfg, task, log=print, devices=None) -> dict:
             f"{task.name}.precompute_ref_logps=false to compile the on-the-fly variant)")
         return out
     mesh, rules = run.mesh, run.rules
-    host = next(pipeline.Batches(run.train_data, run.batch_size, seed=cfg.seed, packing=cfg.data.packing,
-                                 buckets=cfg.data.buckets, process_index=jax.process_index(),
-                                 process_count=jax.process_count()))
+    host = next(run.train_batches())
     if task.host_batch is not None:
         host = task.host_batch(run, host)
     state = state_lib.abstract_state(run.tx, run.params_abs, run.shardings)

@@ -5,13 +5,13 @@ also on an error). `info` is a `StepInfo`: the step just taken, the new state, t
 host batch with its host-side metrics (an online-RL rollout's rewards and lengths).
 """
 import dataclasses
+import itertools
 import time
 
 import jax
 import numpy as np
 
 from jaxalign import JaxalignError
-from jaxalign.data import pipeline
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import metrics as metrics_lib
 from jaxalign.train.step import with_std
@@ -56,14 +56,10 @@ def real_tokens(host: dict) -> int:
 
 def evaluate(eval_fn, params, data, run, aux=None) -> dict:
     """Sums of eval_fn(params, batch, aux) over the eval set (train.eval_batches of it), as eval/ means."""
-    cfg, task = run.cfg, run.task
-    it = pipeline.Batches(data, cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
-                          buckets=cfg.data.buckets, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    task = run.task
+    it, n = run.eval_batches(data)
     totals = {}
-    for i, host in enumerate(it):
-        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-            break
+    for host in itertools.islice(it, n):
         if task.host_batch is not None:
             host = task.host_batch(run, host)
         with jax.set_mesh(run.mesh):

@@ -14,7 +14,6 @@ import jax
 
 from jaxalign import JaxalignError, checkpoint, lora, loading, rundir
 from jaxalign.convert import peft
-from jaxalign.data import pipeline
 from jaxalign.models import abstract_params
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import hooks as hooks_lib
@@ -64,9 +63,7 @@ def _train(cfg, task, log) -> RunResult:
         log(f"resuming from step {start}")  # the first line of a resumed run's output
     run = build(cfg, task, log=log)
     ckpt = checkpoint.RunCheckpoints(cfg.run_dir, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
-    it = pipeline.Batches(run.train_data, run.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                          packing=cfg.data.packing, buckets=cfg.data.buckets, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    it = run.train_batches()
     data_state = None
     if start is not None:
         state, data_state = ckpt.restore(start, state_lib.abstract_state(run.tx, run.params_abs, run.shardings))

@@ -95,14 +95,10 @@ def needed_rows(run):
     """[(name, data, example indices)]: the train rows of the run's train.steps batches (from step 0: a
     resumed run reads a subset) and the eval rows of one eval pass (train.eval_batches of it), in the orders
     loop.train and hooks.evaluate read them."""
-    cfg, out = run.cfg, []
-    it = Batches(run.train_data, run.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
-                 buckets=cfg.data.buckets)
-    out.append(("train", run.train_data, it.visits(cfg.train.steps)))
+    out = [("train", run.train_data, run.train_batches().visits(run.cfg.train.steps))]
     if run.eval_data is not None:
-        it = Batches(run.eval_data, cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False,
-                     buckets=cfg.data.buckets)
-        out.append(("eval", run.eval_data, it.visits(cfg.train.eval_batches or it.batches_per_epoch())))
+        it, n = run.eval_batches()
+        out.append(("eval", run.eval_data, it.visits(n)))
     return out
 
 

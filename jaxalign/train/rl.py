@@ -6,6 +6,7 @@ Each rollout (grpo.Rollout, ppo.Rollout) holds a `PolicySampler`; called as roll
 returns (host batch, host metrics): the arrays the train step takes, and floats the loop logs as they are.
 """
 import dataclasses
+import itertools
 from typing import Optional
 
 import jax
@@ -13,7 +14,6 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import JaxalignError, loading, sampling
-from jaxalign.data.pipeline import Batches
 from jaxalign.models import abstract_params
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.parallel import multihost
@@ -81,12 +81,9 @@ class PolicySampler:
         """Weighted means over the held-out prompts of columns(host, generations) for one completion each
         (greedy unless <task>.eval_temperature), plus the completion length."""
         cfg = self.run.cfg
-        it = Batches(data, cfg.train.batch_size, shuffle=False, epochs=1, drop_last=False, buckets=cfg.data.buckets,
-                     process_index=jax.process_index(), process_count=jax.process_count())
+        it, batches = self.run.eval_batches(data)
         sums, n = {}, 0.0
-        for i, host in enumerate(it):
-            if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                break
+        for host in itertools.islice(it, batches):
             gen = self.generate(host, params, 1, jax.random.PRNGKey(cfg.seed + 1), self.eval_params)
             cols = {**columns(host, gen), "completions/mean_length": gen.lengths}
             w = np.asarray(host["weight"], np.float64)

@@ -67,6 +67,22 @@ class Run:
     def datasets(self) -> list:
         return [d for d in (self.train_data, self.eval_data) if d is not None]
 
+    def train_batches(self):
+        """The run's training batches (this process's rows of each), in the order the steps read them."""
+        c = self.cfg
+        return pipeline.Batches(self.train_data, self.batch_size, seed=c.seed, shuffle=c.data.shuffle,
+                                packing=c.data.packing, buckets=c.data.buckets, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+    def eval_batches(self, data=None):
+        """(batches, how many to read) of one eval pass over `data` (default the eval set): the last batch filled
+        with weight-0 rows, train.eval_batches of them when set."""
+        c = self.cfg
+        it = pipeline.Batches(self.eval_data if data is None else data, c.train.batch_size, shuffle=False, epochs=1,
+                              drop_last=False, buckets=c.data.buckets, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        return it, c.train.eval_batches or it.batches_per_epoch()
+
     def compose(self, params, frozen):
         """The params a model runs with: with LoRA, the trained ones laid over the frozen base."""
         if frozen is None:
